@@ -1,0 +1,466 @@
+"""Adversarial attacks on image classifiers: fgsm, pgd, apgd, apgd_targeted, fab_targeted,
+square and autoattack (Croce & Hein 2020), plus parse_eps for the CLIs.
+
+Every attack is a function attack(model, x, y, eps, ...) -> x_adv. `model` is any callable from
+images in [0,1] (B, ...) to logits (B, C); put it in eval mode first. x_adv has x's shape, dtype
+and device and lies in the eps ball around x (L-inf unless norm="l2") intersected with [0,1].
+Attacks are batched and seeded with a private generator, and stop spending work on a point once
+the model misclassifies it (except pgd(..., early_stop=False), the plain fixed-step version that
+training uses). Gradients are taken in x's float precision (at least float32, also under autocast)
+with torch.autograd.grad w.r.t. the input only, so the model's parameters never get a .grad.
+shared/ATTACKS.md restates the algorithms; fra31/auto-attack is the reference implementation.
+"""
+import math
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+
+def parse_eps(s):
+    """Parse a radius in pixel units: "4/255", "0.0039" or 0.0039 -> float in [0, 1]."""
+    text = str(s).strip()
+    try:
+        num, _, den = text.partition("/")
+        value = float(num) / float(den) if den else float(num)
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"eps {s!r} is not a number: give a fraction such as '4/255' "
+                         "or a float such as 0.0157") from None
+    if not 0 <= value <= 1:
+        raise ValueError(f"eps {s!r} = {value:g} is outside [0, 1]: eps is measured in pixel "
+                         "units of images in [0,1], e.g. '1/255' or '4/255'")
+    return value
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+def _prepare(x, y, eps, norm="linf"):
+    """Validate the arguments; return a detached working copy of x (>= float32) and y."""
+    if not torch.is_tensor(x) or not x.is_floating_point():
+        raise ValueError(f"x must be a float tensor of images in [0,1], got {type(x).__name__} "
+                         f"{getattr(x, 'dtype', '')}")
+    if not torch.is_tensor(y) or y.shape != x.shape[:1]:
+        raise ValueError(f"y must be a tensor of {len(x)} class indices (one per image), "
+                         f"got shape {tuple(getattr(y, 'shape', ()))}")
+    if not eps >= 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    if norm not in ("linf", "l2"):
+        raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
+    if x.numel() and (x.min() < 0 or x.max() > 1):
+        raise ValueError("x must hold images in [0,1] (normalise inside the model), got values "
+                         f"in [{x.min().item():.3g}, {x.max().item():.3g}]")
+    return x.detach().to(torch.promote_types(x.dtype, torch.float32)), y.to(x.device).long()
+
+
+def _generator(seed, device):
+    """A private torch.Generator seeded with `seed`, or None (torch's global RNG) for seed=None."""
+    return None if seed is None else torch.Generator(device=device).manual_seed(seed)
+
+
+def _bc(v, x):
+    """View per-point values (B,) so they broadcast against x (B, ...)."""
+    return v.view(-1, *([1] * (x.dim() - 1)))
+
+
+def _norm(d, norm):
+    """Per-point L-inf or L2 norm: (B, ...) -> (B,)."""
+    d = d.flatten(1)
+    return d.abs().amax(1) if norm == "linf" else d.norm(dim=1)
+
+
+def _project(x_adv, x, eps, norm):
+    """Project x_adv onto the eps ball around x intersected with the box [0,1]."""
+    d = x_adv - x
+    if norm == "linf":
+        d = d.clamp(-eps, eps)
+    else:
+        d = d * _bc((eps / _norm(d, "l2").clamp_min(1e-12)).clamp(max=1), d)
+    return (x + d).clamp(0, 1)
+
+
+def _direction(g, norm):
+    """Steepest-ascent direction of unit norm for gradient g: sign(g) or g / ||g||_2."""
+    return g.sign() if norm == "linf" else g / _bc(_norm(g, "l2").clamp_min(1e-12), g)
+
+
+def _random_start(x, eps, norm, gen, sphere):
+    """Random point of the eps ball around x (uniform in the L-inf cube unless sphere, then on
+    its surface; L2 starts are always on the sphere), clipped to [0,1]."""
+    if norm == "linf":
+        d = 2 * torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype) - 1
+    else:
+        d = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+    if sphere or norm == "l2":
+        d = d / _bc(_norm(d, norm).clamp_min(1e-12), d)
+    return (x + eps * d).clamp(0, 1)
+
+
+def _predict(model, x):
+    """Predicted classes (B,) without building a graph."""
+    with torch.no_grad():
+        return model(x).argmax(1)
+
+
+def _input_grad(loss, x):
+    """Gradient of loss.sum() w.r.t. x only; zeros where the loss ignores x (constant logits)."""
+    if not loss.requires_grad:
+        return torch.zeros_like(x)
+    (g,) = torch.autograd.grad(loss.sum(), x, allow_unused=True)
+    return torch.zeros_like(x) if g is None else g
+
+
+def _loss_grad(model, x, y, loss_fn, t=None, eot=1):
+    """Loss (B,), its gradient w.r.t. x and the logits, each averaged over `eot` forward passes."""
+    x = x.detach().requires_grad_(True)
+    loss = grad = logits = 0
+    for _ in range(eot):
+        with torch.enable_grad():
+            z = model(x).to(x.dtype)
+            l = loss_fn(z, y, t)
+        grad = grad + _input_grad(l, x)
+        loss, logits = loss + l.detach(), logits + z.detach()
+    return loss / eot, grad / eot, logits / eot
+
+
+# ----------------------------------------------------------------------------- losses (z, y, t)
+
+def _margin(z, y):
+    """z_y - max_{i!=y} z_i: positive while the model is right."""
+    return z.gather(1, y[:, None])[:, 0] - z.scatter(1, y[:, None], float("-inf")).amax(1)
+
+
+def _ce(z, y, t=None):
+    return F.cross_entropy(z, y, reduction="none")
+
+
+def _dlr(z, y, t=None):
+    """Difference of logits ratio: -(z_y - max_{i!=y} z_i) / (z_pi1 - z_pi3)."""
+    if z.shape[1] < 3:
+        raise ValueError(f"the DLR loss needs at least 3 classes, the model gives {z.shape[1]}")
+    zs = z.sort(1, descending=True).values
+    return -_margin(z, y) / (zs[:, 0] - zs[:, 2] + 1e-12)
+
+
+def _dlr_targeted(z, y, t):
+    """Targeted DLR: -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2)."""
+    if z.shape[1] < 4:
+        raise ValueError(f"targeted DLR needs at least 4 classes, the model gives {z.shape[1]}")
+    zs = z.sort(1, descending=True).values
+    diff = z.gather(1, y[:, None])[:, 0] - z.gather(1, t[:, None])[:, 0]
+    return -diff / (zs[:, 0] - (zs[:, 2] + zs[:, 3]) / 2 + 1e-12)
+
+
+def _target_margin(z, y, t):
+    return z.gather(1, t[:, None])[:, 0] - z.gather(1, y[:, None])[:, 0]
+
+
+# ----------------------------------------------------------------------------- FGSM and PGD
+
+def fgsm(model, x, y, eps):
+    """One signed-gradient step of size eps on the cross-entropy: (B, ...) -> (B, ...)."""
+    x0, y = _prepare(x, y, eps)
+    _, g, _ = _loss_grad(model, x0, y, _ce)
+    return _project(x0 + eps * g.sign(), x0, eps, "linf").to(x.dtype)
+
+
+def pgd(model, x, y, eps, alpha, steps, random_start=True, norm="linf", early_stop=True, seed=None):
+    """PGD on the cross-entropy (Madry et al.): images (B, ...), labels (B,) -> x_adv (B, ...).
+
+    early_stop=True (evaluation): a point counts as broken once the clean image or any iterate
+    fools the model; it keeps that image and is attacked no further. early_stop=False (training):
+    the plain fixed-step attack on every point, returning the last iterate. seed=None draws the
+    random start from torch's global RNG."""
+    x0, y = _prepare(x, y, eps, norm)
+    x_adv = _random_start(x0, eps, norm, _generator(seed, x.device), False) if random_start else x0
+    if not early_stop:
+        for _ in range(steps):
+            _, g, _ = _loss_grad(model, x_adv, y, _ce)
+            x_adv = _project(x_adv + alpha * _direction(g, norm), x0, eps, norm)
+        return x_adv.to(x.dtype)
+    out = x0.clone()
+    i = (_predict(model, x0) == y).nonzero()[:, 0]
+    x_nat, y, x_adv = x0[i], y[i], x_adv[i]
+    for step in range(steps + 1):
+        if not len(i):
+            break
+        if step == steps:  # the last iterate only needs a prediction
+            with torch.no_grad():
+                z = model(x_adv)
+        else:
+            _, g, z = _loss_grad(model, x_adv, y, _ce)
+        fooled = z.argmax(1) != y
+        out[i[fooled]] = x_adv[fooled]
+        keep = ~fooled
+        i, x_nat, y, x_adv = i[keep], x_nat[keep], y[keep], x_adv[keep]
+        if step < steps:
+            x_adv = _project(x_adv + alpha * _direction(g[keep], norm), x_nat, eps, norm)
+    out[i] = x_adv
+    return out.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- APGD
+
+def _checkpoints(steps):
+    """APGD's step-size checkpoints w_j = ceil(p_j * steps), p_1 = 0.22,
+    p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06), as 1-based step counts."""
+    p_prev, p, w = 0.0, 0.22, set()
+    while p <= 1:
+        w.add(math.ceil(round(p * steps, 6)))
+        p_prev, p = p, p + max(p - p_prev - 0.03, 0.06)
+    return sorted(w)
+
+
+def _apgd_run(model, x, y, eps, steps, loss_fn, norm, gen, t=None, eot=1, rho=0.75):
+    """One APGD run on points (n, ...) from a random start on the eps sphere.
+
+    Returns (x_out, fooled (n,)): x_out holds the first iterate that fooled the model where one
+    did (such points leave the run at once) and the highest-loss iterate elsewhere."""
+    adv = _random_start(x, eps, norm, gen, True)
+    loss, g, z = _loss_grad(model, adv, y, loss_fn, t, eot)
+    out, fooled = adv.clone(), z.argmax(1) != y
+    i, t = torch.arange(len(x), device=x.device), y if t is None else t
+    prev, best, g_best, loss_best, loss_ckpt = adv, adv, g, loss, loss
+    eta = torch.full_like(loss, 2 * eps)
+    reduced, n_up = torch.zeros_like(fooled), torch.zeros_like(loss)
+    checkpoints, last = _checkpoints(steps), 0
+    for step in range(1, steps + 2):  # the extra pass only drops the points broken last
+        keep = ~fooled
+        if not keep.all():  # drop the points just broken
+            (i, x, y, t, adv, prev, g, eta, best, g_best, loss, loss_best, loss_ckpt, reduced,
+             n_up) = (v[keep] for v in (i, x, y, t, adv, prev, g, eta, best, g_best, loss,
+                                        loss_best, loss_ckpt, reduced, n_up))
+        if step > steps or not len(i):
+            break
+        a = 1.0 if step == 1 else 0.75
+        z_ = _project(adv + _bc(eta, adv) * _direction(g, norm), x, eps, norm)
+        adv, prev = _project(adv + a * (z_ - adv) + (1 - a) * (adv - prev), x, eps, norm), adv
+        new_loss, g, z = _loss_grad(model, adv, y, loss_fn, t, eot)
+        fooled = z.argmax(1) != y
+        out[i[fooled]] = adv[fooled]
+        n_up, loss = n_up + (new_loss > loss), new_loss
+        up = loss > loss_best
+        best, g_best = torch.where(_bc(up, adv), adv, best), torch.where(_bc(up, g), g, g_best)
+        loss_best = torch.where(up, loss, loss_best)
+        if step in checkpoints:  # where progress stalled: halve eta, restart from the best point
+            reduce = (n_up < rho * (step - last)) | (~reduced & (loss_best <= loss_ckpt))
+            eta = torch.where(reduce, eta / 2, eta)
+            adv = torch.where(_bc(reduce, adv), best, adv)
+            g = torch.where(_bc(reduce, g), g_best, g)
+            reduced, loss_ckpt, n_up, last = reduce, loss_best, torch.zeros_like(n_up), step
+    out[i] = best
+    broken = torch.ones(len(out), dtype=torch.bool, device=out.device)
+    broken[i] = False
+    return out, broken
+
+
+def apgd(model, x, y, eps, steps=100, loss="ce", restarts=1, seed=0, norm="linf", eot=1):
+    """APGD (Croce & Hein 2020) on the "ce" or "dlr" loss: (B, ...) -> x_adv (B, ...).
+
+    Each restart runs on the points still robust; eot > 1 averages loss, gradient and logits
+    over that many forward passes (for randomised models). Points never broken get the
+    highest-loss iterate of their last run."""
+    losses = {"ce": _ce, "dlr": _dlr}
+    if loss not in losses:
+        raise ValueError(f"loss must be 'ce' or 'dlr', got {loss!r}")
+    x0, y = _prepare(x, y, eps, norm)
+    gen, out = _generator(seed, x.device), x0.clone()
+    robust = _predict(model, x0) == y
+    for _ in range(restarts):
+        i = robust.nonzero()[:, 0]
+        if not len(i):
+            break
+        out[i], fooled = _apgd_run(model, x0[i], y[i], eps, steps, losses[loss], norm, gen, eot=eot)
+        robust[i[fooled]] = False
+    return out.to(x.dtype)
+
+
+def apgd_targeted(model, x, y, eps, steps=100, n_targets=9, seed=0, norm="linf"):
+    """APGD-T: one APGD run on the targeted DLR loss for each of the n_targets classes ranked
+    highest by clean logit after y, each on the points still robust: (B, ...) -> (B, ...)."""
+    x0, y = _prepare(x, y, eps, norm)
+    gen, out = _generator(seed, x.device), x0.clone()
+    with torch.no_grad():
+        z = model(x0)
+    robust = z.argmax(1) == y
+    targets = z.argsort(1, descending=True)[:, 1:n_targets + 1]
+    for k in range(targets.shape[1]):
+        i = robust.nonzero()[:, 0]
+        if not len(i):
+            break
+        out[i], fooled = _apgd_run(model, x0[i], y[i], eps, steps, _dlr_targeted, norm, gen,
+                                   t=targets[i, k])
+        robust[i[fooled]] = False
+    return out.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- FAB-T
+
+def _project_hyperplane(p, w, c):
+    """Smallest L-inf step d with w.d = c and p + d inside [0,1], per row of p, w (n, D), c (n,).
+    Where the box makes c unreachable, d is the full move towards it."""
+    w = w * torch.where(c < 0, -1.0, 1.0).to(w.dtype)[:, None]  # now w.d = |c| >= 0
+    c = c.abs()
+    room = torch.where(w > 0, 1 - p, p)  # how far each coordinate can move along sign(w)
+    r, order = room.sort(1)
+    a = w.abs().gather(1, order)
+    below = (a * r).cumsum(1) - a * r  # sum_{j<k} a_j r_j
+    tail = a.flip(1).cumsum(1).flip(1)  # sum_{j>=k} a_j
+    reach = (below + r * tail).cummax(1).values  # largest w.d with ||d||_inf <= r_k
+    k = torch.searchsorted(reach, c[:, None]).clamp(max=w.shape[1] - 1)
+    lam = (c[:, None] - below.gather(1, k)) / tail.gather(1, k).clamp_min(torch.finfo(w.dtype).tiny)
+    return w.sign() * torch.minimum(lam, room)
+
+
+def _final_search(model, x, y, x_adv, steps=10):
+    """Shrink each perturbation x_adv - x by bisection along its segment, keeping it adversarial."""
+    hi = torch.ones(len(x), dtype=x.dtype, device=x.device)
+    lo = torch.zeros_like(hi)
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        fooled = _predict(model, x + _bc(mid, x) * (x_adv - x)) != y
+        lo, hi = torch.where(fooled, lo, mid), torch.where(fooled, mid, hi)
+    return torch.where(_bc(hi < 1, x), x + _bc(hi, x) * (x_adv - x), x_adv)
+
+
+def _fab_run(model, x, y, t, eps, steps, early_stop, alpha_max=0.1, eta=1.05, beta=0.9):
+    """Targeted FAB (L-inf) from x itself towards classes t, on points (n, ...) that the model
+    classifies correctly. Returns (x_adv, dist (n,)): the closest adversarial found and its
+    L-inf distance (inf where none). early_stop drops points once dist <= eps."""
+    best, dist = x.clone(), torch.full((len(x),), math.inf, dtype=x.dtype, device=x.device)
+    i, xa, ya, ta, cur = torch.arange(len(x), device=x.device), x, y, t, x.clone()
+    for _ in range(steps):
+        if not len(i):
+            break
+        # linearise f = z_t - z_y around cur; the boundary is f + w.(z - cur) = 0
+        f, g, _ = _loss_grad(model, cur, ya, _target_margin, ta)
+        w, c_flat, x_flat = g.flatten(1), cur.flatten(1), xa.flatten(1)
+        d1 = _project_hyperplane(c_flat, w, -f).view_as(cur)
+        d2 = _project_hyperplane(x_flat, w, -f - (w * (x_flat - c_flat)).sum(1)).view_as(cur)
+        n1, n2 = _norm(d1, "linf").clamp_min(1e-8), _norm(d2, "linf").clamp_min(1e-8)
+        alpha = _bc((n1 / (n1 + n2)).clamp(0, alpha_max), cur)
+        cur = ((cur + eta * d1) * (1 - alpha) + (xa + eta * d2) * alpha).clamp(0, 1)
+        fooled = _predict(model, cur) != ya
+        d = _norm(cur - xa, "linf")
+        better = fooled & (d < dist[i])
+        best[i[better]], dist[i[better]] = cur[better], d[better]
+        cur = torch.where(_bc(fooled, cur), xa + beta * (cur - xa), cur)  # step back towards x
+        if early_stop:
+            keep = dist[i] > eps
+            i, xa, ya, ta, cur = i[keep], xa[keep], ya[keep], ta[keep], cur[keep]
+    found = dist < math.inf
+    best[found] = _final_search(model, x[found], y[found], best[found])
+    dist[found] = _norm(best[found] - x[found], "linf")
+    return best, dist
+
+
+def fab_targeted(model, x, y, eps, steps=100, n_targets=9, early_stop=True):
+    """FAB-T (Croce & Hein 2020, L-inf): minimum-norm attack towards each of the n_targets classes
+    ranked highest by clean logit after y: (B, ...) -> (B, ...). A point is broken only if the
+    closest adversarial found is within eps; others come back unchanged. early_stop=False keeps
+    minimising on every point and target (to measure the smallest perturbation, e.g. eps=1)."""
+    x0, y = _prepare(x, y, eps)
+    with torch.no_grad():
+        z = model(x0)
+    correct = z.argmax(1) == y
+    targets = z.argsort(1, descending=True)[:, 1:n_targets + 1]
+    out, dist = x0.clone(), torch.full((len(x0),), math.inf, dtype=x0.dtype, device=x0.device)
+    for k in range(targets.shape[1]):
+        i = (correct & (dist > eps) if early_stop else correct).nonzero()[:, 0]
+        if not len(i):
+            break
+        adv, d = _fab_run(model, x0[i], y[i], targets[i, k], eps, steps, early_stop)
+        better = d < dist[i]
+        out[i[better]], dist[i[better]] = adv[better], d[better]
+    out[dist > eps] = x0[dist > eps]
+    return out.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- Square
+
+def _square_p(it, p_init):
+    """Fraction of the image the square covers at proposal `it`: Square Attack's piecewise
+    schedule, not rescaled to the query budget (as in AutoAttack)."""
+    for k, bound in enumerate((10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)):
+        if it <= bound:
+            return p_init / 2 ** k
+    return p_init / 512
+
+
+def square(model, x, y, eps, queries=5000, p_init=0.8, seed=0):
+    """Square Attack (Andriushchenko et al. 2020, L-inf): random search on the margin loss from a
+    vertical-stripe start, then `queries` square proposals at most per point, each accepted only
+    if it lowers the margin: images (B, C, H, W) -> (B, C, H, W)."""
+    x0, y = _prepare(x, y, eps)
+    if x0.dim() != 4:
+        raise ValueError(f"square needs images shaped (B, C, H, W), got {tuple(x0.shape)}")
+    gen, out, (_, c, h, w) = _generator(seed, x.device), x0.clone(), x0.shape
+
+    def sign(*shape):  # random +-1
+        return 2 * torch.randint(0, 2, shape, generator=gen, device=x.device) - 1
+
+    i = (_predict(model, x0) == y).nonzero()[:, 0]
+    xa, ya = x0[i], y[i]
+    best = _project(xa + eps * sign(len(i), c, 1, w), xa, eps, "linf")
+    with torch.no_grad():
+        z = model(best)
+    margin, fooled = _margin(z, ya), z.argmax(1) != ya
+    out[i[fooled]] = best[fooled]
+    rows, cols = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
+    for it in range(queries):
+        keep = ~fooled
+        i, xa, ya, best, margin = i[keep], xa[keep], ya[keep], best[keep], margin[keep]
+        if not len(i):
+            break
+        s = min(max(round(math.sqrt(_square_p(it, p_init) * h * w)), 1), h, w)
+        vh, vw = (torch.randint(0, n - s + 1, (len(i), 1, 1, 1), generator=gen, device=x.device)
+                  for n in (h, w))
+        r, q = rows.view(1, 1, h, 1) - vh, cols.view(1, 1, 1, w) - vw
+        mask = (r >= 0) & (r < s) & (q >= 0) & (q < s)  # one s x s square per image
+        cand = _project(best + mask * (2 * eps * sign(len(i), c, 1, 1)), xa, eps, "linf")
+        with torch.no_grad():
+            z = model(cand)
+        m = _margin(z, ya)
+        better = m < margin
+        best, margin = torch.where(_bc(better, best), cand, best), torch.where(better, m, margin)
+        fooled = better & (z.argmax(1) != ya)
+        out[i[fooled]] = cand[fooled]
+    out[i] = best
+    return out.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- AutoAttack
+
+def autoattack(model, x, y, eps, version="standard", seed=0, steps=100, queries=5000,
+               return_info=False):
+    """AutoAttack (Croce & Hein 2020, L-inf): (B, ...) -> x_adv (B, ...).
+
+    Members run in the published order, each on the points still robust, and each point keeps
+    the first adversarial found (the worst case). "standard": APGD-CE, APGD-T (9 targets),
+    FAB-T (9 targets), Square (`queries`); "rand", for randomised defences: APGD-CE and APGD-DLR
+    with 20 EOT samples per gradient. With return_info, returns (x_adv, info): info["clean"] and
+    info["robust"] count the points classified correctly before and after, info[member] the
+    points that member broke, e.g. {"clean": 90, "apgd-ce": 50, ..., "robust": 30}."""
+    members = {
+        "standard": [("apgd-ce", partial(apgd, steps=steps, seed=seed)),
+                     ("apgd-t", partial(apgd_targeted, steps=steps, seed=seed)),
+                     ("fab-t", partial(fab_targeted, steps=steps)),
+                     ("square", partial(square, queries=queries, seed=seed))],
+        "rand": [("apgd-ce", partial(apgd, steps=steps, seed=seed, eot=20)),
+                 ("apgd-dlr", partial(apgd, steps=steps, loss="dlr", seed=seed, eot=20))],
+    }
+    if version not in members:
+        raise ValueError(f"version must be 'standard' or 'rand', got {version!r}")
+    x0, y = _prepare(x, y, eps)
+    out = x0.clone()
+    robust = _predict(model, x0) == y
+    info = {"clean": int(robust.sum())}
+    for name, attack in members[version]:
+        i = robust.nonzero()[:, 0]
+        broken = torch.zeros(0, dtype=torch.bool)
+        if len(i):
+            adv = attack(model, x0[i], y[i], eps)
+            broken = _predict(model, adv) != y[i]
+            out[i[broken]], robust[i[broken]] = adv[broken], False
+        info[name] = int(broken.sum())
+    info["robust"] = int(robust.sum())
+    return (out.to(x.dtype), info) if return_info else out.to(x.dtype)
