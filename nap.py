@@ -1,0 +1,343 @@
+"""NAP-Tuning: deep text and visual prompts, TokenRefiners, and the prompted CLIP classifier.
+
+Every method of the comparison is a preset of one config (PRESETS): zero-shot CLIP, AdvPT (text
+context), AdvVPT (visual deep prompts), AdvVLP (independent deep text+visual prompts), AdvMaPLe
+(visual prompts projected from text prompts) and NAP-Tuning (deep text+visual prompts plus
+TokenRefiners). `PromptedCLIP(clip_model, classnames, cfg)` freezes the CLIP it is given and
+drives its blocks from outside:
+
+  text:   [SOS][ctx_1..ctx_n][class tokens][EOT]       ctx replaces the first n template words
+  vision: [CLS][patches][prompt_1..prompt_n]           appended after the positional embedding
+  layer l = 2..depth: prompt outputs of layer l-1 are dropped and replaced by fresh prompts,
+                      and the other tokens pass a TokenRefiner first: h <- h + W2 relu(W1 h + b1) + b2
+
+Images are in [0, 1]; normalisation happens inside. Text features do not depend on the image:
+`text_features()` computes them once, `logits(images, text_features)` reuses them, and
+`logits_fn()` returns a plain callable for attacks. Checkpoints hold only the trainable tensors.
+"""
+import math
+import os
+from dataclasses import asdict, dataclass, fields, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import clip
+from clip.model import VisionTransformer
+
+COUPLINGS = ("independent", "maple")
+REFINE = ("none", "vision", "text", "both")
+REFINER_INITS = ("default", "zero")
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    """The knobs of every method; PRESETS names the published combinations."""
+    method: str = "nap"
+    text_ctx: int = 2                 # learnable text context vectors after SOS (0: fixed template)
+    vision_ctx: int = 2               # learnable visual prompt tokens after CLS+patches (0: none)
+    depth: int = 9                    # layers 1..depth get prompts; 1 is shallow prompting
+    coupling: str = "maple"           # independent prompts, or visual prompt = Linear(text prompt) per layer
+    ctx_init: str = "a photo of a"    # text context initialised from these words when text_ctx <= their count
+    template: str = "a photo of a {}."  # the zero-shot prompt; also the text around the learnable context
+    refine: str = "both"              # TokenRefiners on: none / vision / text / both
+    refiner_hidden: float = 2.0       # refiner hidden width = refiner_hidden * token width
+    refiner_init: str = "default"     # default (nn.Linear's) or zero (refiner starts as the identity)
+
+    def __post_init__(self):
+        checks = [
+            (self.coupling in COUPLINGS, f"coupling must be one of {COUPLINGS}, got {self.coupling!r}"),
+            (self.refine in REFINE, f"refine must be one of {REFINE}, got {self.refine!r}"),
+            (self.refiner_init in REFINER_INITS, f"refiner_init must be one of {REFINER_INITS}, got {self.refiner_init!r}"),
+            (self.text_ctx >= 0 and self.vision_ctx >= 0, "text_ctx and vision_ctx must be >= 0"),
+            (self.depth >= 1, f"depth must be >= 1, got {self.depth}"),
+            (self.refiner_hidden > 0, f"refiner_hidden must be > 0, got {self.refiner_hidden}"),
+            ("{}" in self.template, f"template must contain '{{}}' for the class name, got {self.template!r}"),
+            (self.coupling != "maple" or self.vision_ctx in (0, self.text_ctx),
+             "maple coupling projects each text prompt to a visual prompt: vision_ctx must equal text_ctx"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def vision_prompts(self) -> bool:
+        return self.vision_ctx > 0
+
+    @property
+    def deep_text(self) -> bool:
+        """Fresh text prompts at layers 2..depth."""
+        return self.text_ctx > 0 and self.depth > 1
+
+    @property
+    def trainable(self) -> bool:
+        return self.text_ctx > 0 or self.vision_ctx > 0 or self.refine != "none"
+
+
+PRESETS = {
+    "zeroshot": PromptConfig("zeroshot", text_ctx=0, vision_ctx=0, depth=1, coupling="independent", refine="none"),
+    "advpt": PromptConfig("advpt", text_ctx=4, vision_ctx=0, depth=1, coupling="independent", refine="none"),
+    "advvpt": PromptConfig("advvpt", text_ctx=0, vision_ctx=2, depth=9, coupling="independent", refine="none"),
+    "advvlp": PromptConfig("advvlp", text_ctx=2, vision_ctx=2, depth=9, coupling="independent", refine="none"),
+    "advmaple": PromptConfig("advmaple", text_ctx=2, vision_ctx=2, depth=9, coupling="maple", refine="none"),
+    "nap": PromptConfig("nap", text_ctx=2, vision_ctx=2, depth=9, coupling="maple", refine="both"),
+}
+
+
+def make_config(method: str, **overrides) -> PromptConfig:
+    """A preset by name with some fields replaced (None values are ignored)."""
+    if method not in PRESETS:
+        raise ValueError(f"unknown method {method!r}; choose one of {list(PRESETS)}")
+    known = {f.name for f in fields(PromptConfig)}
+    unknown = set(overrides) - known
+    if unknown:
+        raise ValueError(f"unknown config fields {sorted(unknown)}; known: {sorted(known)}")
+    return replace(PRESETS[method], **{k: v for k, v in overrides.items() if v is not None})
+
+
+class TokenRefiner(nn.Module):
+    """Residual token MLP: h -> h + W2 relu(W1 h + b1) + b2 on [..., width], hidden = factor * width."""
+
+    def __init__(self, width: int, hidden_factor: float = 2.0, zero_init: bool = False):
+        super().__init__()
+        self.fc1 = nn.Linear(width, int(round(hidden_factor * width)))
+        self.fc2 = nn.Linear(int(round(hidden_factor * width)), width)
+        if zero_init:
+            nn.init.zeros_(self.fc2.weight)
+            nn.init.zeros_(self.fc2.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.fc2(F.relu(self.fc1(h.to(self.fc1.weight.dtype)))).to(h.dtype)
+
+
+def prompt_init(n: int, width: int) -> nn.Parameter:
+    """n fresh prompt vectors ~ N(0, 0.02^2): [n, width]."""
+    return nn.Parameter(torch.randn(n, width) * 0.02)
+
+
+def n_init_tokens(cfg: PromptConfig) -> int:
+    """How many tokens the context-initialisation words take."""
+    return len(clip.tokenizer.get_tokenizer().encode(cfg.ctx_init)) if cfg.ctx_init else 0
+
+
+def text_template(cfg: PromptConfig) -> str:
+    """The tokenised class prompt: cfg.template when the context is initialised from its words, else 'X X .. X {}.'"""
+    if cfg.text_ctx == 0 or (cfg.text_ctx <= n_init_tokens(cfg) and cfg.template.startswith(cfg.ctx_init)):
+        return cfg.template
+    return " ".join(["X"] * cfg.text_ctx) + " {}."
+
+
+class PromptedCLIP(nn.Module):
+    """Frozen CLIP + learnable prompts and refiners: forward(images [N,3,R,R] in [0,1]) -> logits [N, n_classes]."""
+
+    def __init__(self, clip_model: nn.Module, classnames, cfg: PromptConfig = PRESETS["nap"]):
+        super().__init__()
+        is_vit = isinstance(clip_model.visual, VisionTransformer)
+        if not is_vit and (cfg.vision_ctx > 0 or cfg.refine in ("vision", "both")):
+            raise ValueError(f"method {cfg.method!r} prompts the image encoder, which needs a ViT CLIP; "
+                             f"this one has a ResNet image encoder (use zeroshot or advpt, or a ViT model)")
+        if cfg.depth > clip_model.transformer.layers or (is_vit and cfg.depth > clip_model.visual.transformer.layers):
+            raise ValueError(f"depth {cfg.depth} exceeds the number of transformer layers of this CLIP")
+        self.clip = clip_model.requires_grad_(False).eval()
+        self.cfg = cfg
+        d_text = clip_model.ln_final.weight.shape[0]
+        d_vision = clip_model.visual.conv1.out_channels if is_vit else None
+        self.widths = {"text": d_text, "vision": d_vision}
+        self.register_buffer("mean", torch.tensor(clip.MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(clip.STD).view(1, 3, 1, 1), persistent=False)
+        self.set_classnames(classnames)
+
+        n, deep = cfg.text_ctx, cfg.depth - 1
+        if n > 0:  # text context: from the template's first n words, else random
+            from_words = text_template(cfg) == cfg.template
+            with torch.no_grad():
+                init = clip_model.token_embedding(self.tokens[:1, 1:1 + n]).float()[0]
+            self.text_ctx = nn.Parameter(init.clone() if from_words else torch.randn(n, d_text) * 0.02)
+            self.text_deep = nn.ParameterList([prompt_init(n, d_text) for _ in range(deep)])
+        if cfg.vision_ctx > 0 and cfg.coupling == "maple":
+            self.proj = nn.ModuleList([nn.Linear(d_text, d_vision) for _ in range(cfg.depth)])
+        elif cfg.vision_ctx > 0:
+            self.vision_ctx = prompt_init(cfg.vision_ctx, d_vision)
+            self.vision_deep = nn.ParameterList([prompt_init(cfg.vision_ctx, d_vision) for _ in range(deep)])
+        zero = cfg.refiner_init == "zero"
+        if cfg.refine in ("text", "both"):
+            self.text_refiners = nn.ModuleList([TokenRefiner(d_text, cfg.refiner_hidden, zero) for _ in range(deep)])
+        if cfg.refine in ("vision", "both"):
+            self.vision_refiners = nn.ModuleList([TokenRefiner(d_vision, cfg.refiner_hidden, zero) for _ in range(deep)])
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def set_classnames(self, classnames):
+        """Sets the classes to score (zero-shot transfer swaps them); underscores become spaces."""
+        classnames = [str(c).replace("_", " ") for c in classnames]
+        if not classnames:
+            raise ValueError("classnames is empty: give the names of the classes to score")
+        self.classnames = classnames
+        template = text_template(self.cfg)
+        tokens = clip.tokenize([template.format(c) for c in classnames], context_length=self.clip.context_length)
+        self.register_buffer("tokens", tokens.to(self.clip.token_embedding.weight.device), persistent=False)
+
+    def train(self, mode: bool = True):
+        """Trains prompts and refiners; the frozen CLIP stays in eval mode (its BatchNorms never update)."""
+        super().train(mode)
+        self.clip.eval()
+        return self
+
+    def trainable_state_dict(self) -> dict:
+        """The learnable tensors only (prompts, projections, refiners), detached, on the CPU."""
+        return {k: v.detach().cpu() for k, v in self.state_dict().items() if not k.startswith("clip.")}
+
+    # ------------------------------------------------------------------ prompts per layer
+
+    def text_prompts(self) -> list:
+        """Text prompts for layers 1..depth: a list of [text_ctx, d_text] (empty without text context)."""
+        return [self.text_ctx, *self.text_deep] if self.cfg.text_ctx > 0 else []
+
+    def vision_prompts(self) -> list:
+        """Visual prompts for layers 1..depth: a list of [vision_ctx, d_vision] (empty without visual prompts)."""
+        if self.cfg.vision_ctx == 0:
+            return []
+        if self.cfg.coupling == "maple":
+            return [proj(p) for proj, p in zip(self.proj, self.text_prompts())]
+        return [self.vision_ctx, *self.vision_deep]
+
+    # ------------------------------------------------------------------ encoders
+
+    def encode_text(self) -> torch.Tensor:
+        """Text features for the current prompts: [n_classes, embed_dim], unit norm."""
+        model, tokens, n = self.clip, self.tokens, self.cfg.text_ctx
+        prompts, refiners = self.text_prompts(), getattr(self, "text_refiners", None)
+        h = model.embed_text(tokens)  # [C, L, D]
+        if prompts:
+            pos = model.positional_embedding[1:1 + n].to(h.dtype)
+            ctx = (prompts[0].to(h.dtype) + pos).expand(len(tokens), -1, -1)
+            h = torch.cat([h[:, :1], ctx, h[:, 1 + n:]], dim=1)
+        h = h.transpose(0, 1)  # [L, C, D]
+        for i, block in enumerate(model.transformer.resblocks):
+            if 1 <= i < self.cfg.depth:
+                if refiners is not None:
+                    h = refiners[i - 1](h) if n == 0 else torch.cat([refiners[i - 1](h[:1]), h[1:1 + n], refiners[i - 1](h[1 + n:])])
+                if self.cfg.deep_text:
+                    h = torch.cat([h[:1], prompts[i].to(h.dtype).unsqueeze(1).expand(-1, h.shape[1], -1), h[1 + n:]])
+            h = block(h)
+        return F.normalize(model.text_head(h.transpose(0, 1), tokens).float(), dim=-1)
+
+    def encode_image(self, images: torch.Tensor, return_layers: bool = False):
+        """Images [N, 3, R, R] in [0, 1] -> unit-norm features [N, embed_dim] (and block outputs of layers 1..depth)."""
+        visual = self.clip.visual
+        x = (images - self.mean) / self.std
+        if not isinstance(visual, VisionTransformer):
+            features = F.normalize(visual(x.type(self.clip.dtype)).float(), dim=-1)
+            return (features, []) if return_layers else features
+        prompts, refiners, n = self.vision_prompts(), getattr(self, "vision_refiners", None), self.cfg.vision_ctx
+        h = visual.embed(x)
+        if prompts:
+            h = torch.cat([h, prompts[0].to(h.dtype).expand(len(h), -1, -1)], dim=1)
+        h = visual.ln_pre(h).transpose(0, 1)  # [L, N, D]
+        layers = []
+        for i, block in enumerate(visual.transformer.resblocks):
+            if 1 <= i < self.cfg.depth:
+                body = h[:len(h) - n]
+                if refiners is not None:
+                    body = refiners[i - 1](body)
+                h = torch.cat([body, prompts[i].to(h.dtype).unsqueeze(1).expand(-1, h.shape[1], -1)]) if prompts else body
+            h = block(h)
+            if return_layers and i < self.cfg.depth:
+                layers.append(h.transpose(0, 1))
+        features = F.normalize(visual.head(h.transpose(0, 1)).float(), dim=-1)
+        return (features, layers) if return_layers else features
+
+    # ------------------------------------------------------------------ classifier
+
+    def text_features(self) -> torch.Tensor:
+        """Alias of encode_text, named for what callers cache: [n_classes, embed_dim]."""
+        return self.encode_text()
+
+    def logits(self, images: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+        """Images [N, 3, R, R] in [0, 1] and cached text features [C, E] -> logits [N, C]."""
+        return self.clip.logit_scale.exp().float() * self.encode_image(images) @ text_features.t()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Images [N, 3, R, R] in [0, 1] -> logits [N, n_classes] (text features recomputed)."""
+        return self.logits(images, self.text_features())
+
+    @torch.no_grad()
+    def logits_fn(self):
+        """A callable images -> logits with the text features computed once, now, and frozen (for attacks)."""
+        text_features = self.text_features().detach()
+        return lambda images: self.logits(images, text_features)
+
+
+# ---------------------------------------------------------------------- parameter counts
+
+def count_parameters(model: PromptedCLIP) -> dict:
+    """Trainable parameters by kind: {'prompts': n, 'refiners': n, 'total': n}."""
+    counts = {"prompts": 0, "refiners": 0}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            counts["refiners" if "refiners" in name else "prompts"] += p.numel()
+    counts["total"] = counts["prompts"] + counts["refiners"]
+    return counts
+
+
+# ---------------------------------------------------------------------- checkpoints
+
+def checkpoint_dict(model: PromptedCLIP, **extra) -> dict:
+    """What a checkpoint holds: config, class names, backbone widths, trainable tensors, plus extra entries."""
+    return {"config": asdict(model.cfg), "classnames": list(model.classnames), "widths": dict(model.widths),
+            "trainable": model.trainable_state_dict(), **extra}
+
+
+def atomic_save(obj, path: str):
+    """torch.save to a temporary file beside path, then rename: a crash never leaves a half-written file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(model: PromptedCLIP, path: str, **extra):
+    """Writes the trainable tensors, config and class names (a few MB) atomically to path."""
+    atomic_save(checkpoint_dict(model, **extra), path)
+
+
+def load_checkpoint(path: str) -> dict:
+    """Reads a checkpoint written by save_checkpoint (weights_only=True); clear errors for missing or corrupt files."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist; give the path of a checkpoint.pt written by train.py")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"checkpoint {path} cannot be read ({type(e).__name__}); the file is corrupt or not a "
+                         f"checkpoint written by train.py") from None
+    if not isinstance(ckpt, dict) or not {"config", "classnames", "trainable"} <= set(ckpt):
+        raise ValueError(f"{path} is not a NAP checkpoint: it lacks config / classnames / trainable entries")
+    return ckpt
+
+
+def from_checkpoint(clip_model: nn.Module, ckpt: dict, classnames=None, transfer: bool = False) -> PromptedCLIP:
+    """Rebuilds the prompted model on clip_model from a checkpoint dict.
+
+    By default it scores the classes it was trained on; other class names need transfer=True, the
+    explicit zero-shot transfer path (prompts and refiners are class-agnostic).
+    """
+    cfg = PromptConfig(**ckpt["config"])
+    if classnames is not None and [str(c).replace("_", " ") for c in classnames] != list(ckpt["classnames"]) and not transfer:
+        raise ValueError(f"the checkpoint was trained on {len(ckpt['classnames'])} other classes "
+                         f"({', '.join(ckpt['classnames'][:3])}, ...); pass transfer=True to score new classes zero-shot")
+    width = clip_model.ln_final.weight.shape[0]
+    if ckpt.get("widths", {}).get("text") not in (None, width):
+        raise ValueError(f"the checkpoint was trained on a CLIP with text width {ckpt['widths']['text']}, this "
+                         f"backbone has {width}: load the backbone it was trained on (its arch: {ckpt.get('arch', '?')})")
+    model = PromptedCLIP(clip_model, ckpt["classnames"] if classnames is None else classnames, cfg)
+    model_keys = set(model.trainable_state_dict())
+    if model_keys != set(ckpt["trainable"]):
+        raise ValueError(f"checkpoint tensors do not fit method {cfg.method!r} on this backbone: missing "
+                         f"{sorted(model_keys - set(ckpt['trainable']))[:5]}, unexpected {sorted(set(ckpt['trainable']) - model_keys)[:5]}")
+    try:
+        model.load_state_dict(ckpt["trainable"], strict=False)
+    except RuntimeError as e:
+        raise ValueError(f"checkpoint tensors do not fit this backbone (was it trained on {ckpt.get('arch', '?')}?): "
+                         f"{str(e).splitlines()[-1].strip()}") from None
+    return model

@@ -1,0 +1,250 @@
+"""nap.py: equivalences with plain CLIP, deep-prompt data flow, frozen backbone, training, checkpoints, counts."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import clip
+import nap
+from clip.model import CLIP
+
+TINY_VIT = (32, 32, 3, 64, 8, 77, 49408, 64, 1, 3)   # 3 layers per tower
+TINY_RN = (32, 64, (1, 1, 1, 1), 32, None, 77, 49408, 64, 1, 3)
+NAMES = ["cat", "golden_retriever", "red car"]
+
+
+def tiny_clip(cfg=TINY_VIT, seed=0):
+    torch.manual_seed(seed)
+    return CLIP(*cfg).eval()
+
+
+def small(method, **kw):
+    """A preset shrunk to the tiny CLIP's 3 layers."""
+    return nap.make_config(method, depth=min(nap.PRESETS[method].depth, 3), **kw)
+
+
+def images(n=4, seed=1, res=32):
+    return torch.rand(n, 3, res, res, generator=torch.Generator().manual_seed(seed))
+
+
+def coloured_images(n=12):
+    """A learnable tiny problem: class c is a noisy image tinted with colour c."""
+    y = torch.arange(n) % 3
+    colours = torch.tensor([[0.9, 0.1, 0.1], [0.1, 0.9, 0.1], [0.1, 0.1, 0.9]])
+    x = 0.15 * images(n, seed=3) + 0.8 * colours[y].view(n, 3, 1, 1)
+    return x, y
+
+
+def normalise(x):
+    return (x - torch.tensor(clip.MEAN).view(1, 3, 1, 1)) / torch.tensor(clip.STD).view(1, 3, 1, 1)
+
+
+@pytest.mark.parametrize("cfg", [TINY_VIT, TINY_RN], ids=["vit", "resnet"])
+def test_zeroshot_is_plain_clip(cfg):
+    model = tiny_clip(cfg)
+    prompted = nap.PromptedCLIP(model, NAMES, nap.PRESETS["zeroshot"])
+    x = images(res=cfg[1])
+    text = clip.tokenize(["a photo of a cat.", "a photo of a golden retriever.", "a photo of a red car."])
+    with torch.no_grad():
+        assert torch.equal(prompted(x), model(normalise(x), text)[0])
+
+
+@pytest.mark.parametrize("cfg", [TINY_VIT, TINY_RN], ids=["vit", "resnet"])
+def test_advpt_starts_at_zeroshot(cfg):
+    """The text context is initialised from 'a photo of a': before training AdvPT is zero-shot CLIP."""
+    model = tiny_clip(cfg)
+    x = images(res=cfg[1])
+    with torch.no_grad():
+        zs = nap.PromptedCLIP(model, NAMES, nap.PRESETS["zeroshot"])(x)
+        pt = nap.PromptedCLIP(model, NAMES, nap.PRESETS["advpt"])(x)
+    assert torch.allclose(zs, pt, atol=1e-5)
+
+
+def reference_image_features(model, x, prompts, refiners):
+    """Deep visual prompting written out by hand: layer l>1 drops the prompt outputs, refines, appends fresh ones."""
+    v, n = model.visual, prompts[0].shape[0] if prompts else 0
+    h = v.embed(normalise(x))
+    if prompts:
+        h = torch.cat([h, prompts[0].expand(len(x), -1, -1)], 1)
+    h = v.ln_pre(h)  # [N, L, D]
+    for layer, block in enumerate(v.transformer.resblocks, start=1):
+        if 2 <= layer <= len(prompts):
+            body = h[:, :h.shape[1] - n]
+            if refiners:
+                r = refiners[layer - 2]
+                body = body + r.fc2(torch.relu(r.fc1(body)))
+            h = torch.cat([body, prompts[layer - 1].expand(len(x), -1, -1)], 1)
+        h = block(h.transpose(0, 1)).transpose(0, 1)
+    return F.normalize(v.ln_post(h[:, 0]) @ v.proj, dim=-1)
+
+
+def test_deep_visual_prompts_and_refiners_follow_the_data_flow():
+    model = tiny_clip()
+    cfg = nap.make_config("advvlp", depth=3, refine="vision")
+    prompted = nap.PromptedCLIP(model, NAMES, cfg)
+    x = images()
+    with torch.no_grad():
+        want = reference_image_features(model, x, prompted.vision_prompts(), list(prompted.vision_refiners))
+        assert torch.allclose(prompted.encode_image(x), want, atol=1e-5)
+        # depth 2 only prompts the first two layers: a third-layer prompt would be ignored
+        two = nap.PromptedCLIP(model, NAMES, nap.make_config("advvlp", depth=2))
+        assert len(two.vision_deep) == 1 and len(two.vision_prompts()) == 2
+
+
+def test_depth_one_is_shallow_prompting():
+    model = tiny_clip()
+    prompted = nap.PromptedCLIP(model, NAMES, nap.make_config("advvlp", depth=1, ctx_init=""))
+    x = images()
+    with torch.no_grad():
+        # text: the context replaces the embeddings of the placeholder words, then plain CLIP runs
+        tokens = prompted.tokens
+        emb = model.token_embedding(tokens)
+        emb[:, 1:3] = prompted.text_ctx
+        h = model.transformer((emb + model.positional_embedding).transpose(0, 1)).transpose(0, 1)
+        text = F.normalize(model.text_head(h, tokens), dim=-1)
+        assert torch.allclose(prompted.encode_text(), text, atol=1e-5)
+        image = reference_image_features(model, x, [prompted.vision_ctx], [])
+        assert torch.allclose(prompted.encode_image(x), image, atol=1e-5)
+        assert len(prompted.text_deep) == 0 and len(prompted.vision_deep) == 0
+
+
+def test_zero_init_refiners_give_the_prompts_only_model():
+    model = tiny_clip()
+    with_refiners = nap.PromptedCLIP(model, NAMES, small("nap", refiner_init="zero"))
+    prompts_only = nap.PromptedCLIP(model, NAMES, small("advmaple"))
+    prompts_only.load_state_dict({k: v for k, v in with_refiners.trainable_state_dict().items() if "refiners" not in k},
+                                 strict=False)
+    x = images()
+    with torch.no_grad():
+        assert torch.equal(with_refiners(x), prompts_only(x))
+        default = nap.PromptedCLIP(model, NAMES, small("nap"))
+        default.load_state_dict(prompts_only.trainable_state_dict(), strict=False)
+        assert not torch.allclose(default(x), prompts_only(x), atol=1e-4)  # default-init refiners do act
+
+
+def test_refine_flag_places_refiners():
+    model = tiny_clip()
+    for refine, text, vision in [("none", False, False), ("text", True, False), ("vision", False, True), ("both", True, True)]:
+        m = nap.PromptedCLIP(model, NAMES, small("nap", refine=refine))
+        assert hasattr(m, "text_refiners") == text and hasattr(m, "vision_refiners") == vision
+        if text:
+            assert len(m.text_refiners) == 2 and m.text_refiners[0].fc1.out_features == 128  # depth-1, hidden 2d
+
+
+@pytest.mark.parametrize("method", list(nap.PRESETS))
+def test_backbone_frozen_and_every_preset_trains(method):
+    model = tiny_clip()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    prompted = nap.PromptedCLIP(model, NAMES, small(method)).train()
+    x, y = coloured_images()
+    params = [p for p in prompted.parameters() if p.requires_grad]
+    if method == "zeroshot":
+        assert params == []
+        return
+    opt = torch.optim.Adam(params, lr=1e-2)
+    losses = []
+    for _ in range(15):
+        loss = F.cross_entropy(prompted(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not model.training
+
+
+def test_resnet_backbone_batchnorm_stays_frozen_in_train_mode():
+    model = tiny_clip(TINY_RN)
+    before = model.visual.bn1.running_mean.clone()
+    prompted = nap.PromptedCLIP(model, NAMES, nap.PRESETS["advpt"]).train()
+    prompted(images(res=64))
+    assert torch.equal(model.visual.bn1.running_mean, before)
+
+
+def test_rows_do_not_depend_on_the_batch():
+    prompted = nap.PromptedCLIP(tiny_clip(), NAMES, small("nap"))
+    x = images(6)
+    with torch.no_grad():
+        full = prompted(x)
+        assert torch.allclose(full[2:3], prompted(x[2:3]), atol=1e-5)
+        assert torch.allclose(full[:3], prompted(x[:3]), atol=1e-5)
+
+
+def test_logits_fn_and_layers():
+    prompted = nap.PromptedCLIP(tiny_clip(), NAMES, small("nap"))
+    x = images()
+    fn = prompted.logits_fn()
+    with torch.no_grad():
+        assert torch.allclose(fn(x), prompted(x), atol=1e-6)
+        features, layers = prompted.encode_image(x, return_layers=True)
+    assert len(layers) == 3 and layers[0].shape == (4, 1 + 16 + 2, 64)
+    assert torch.equal(features, prompted.encode_image(x))
+
+
+def test_resnet_refuses_visual_methods():
+    with pytest.raises(ValueError, match="needs a ViT CLIP"):
+        nap.PromptedCLIP(tiny_clip(TINY_RN), NAMES, small("advvpt"))
+
+
+def test_bad_configs_are_refused():
+    with pytest.raises(ValueError, match="unknown method"):
+        nap.make_config("coop")
+    with pytest.raises(ValueError, match="refine must be one of"):
+        nap.make_config("nap", refine="all")
+    with pytest.raises(ValueError, match="vision_ctx must equal text_ctx"):
+        nap.make_config("advmaple", vision_ctx=4)
+    with pytest.raises(ValueError, match="exceeds the number of transformer layers"):
+        nap.PromptedCLIP(tiny_clip(), NAMES, nap.PRESETS["nap"])  # depth 9 > 3 layers
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model = tiny_clip()
+    prompted = nap.PromptedCLIP(model, NAMES, small("nap"))
+    with torch.no_grad():
+        for p in prompted.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    path = str(tmp_path / "ckpt.pt")
+    nap.save_checkpoint(prompted, path, arch="tiny")
+    ckpt = nap.load_checkpoint(path)
+    assert ckpt["arch"] == "tiny" and ckpt["classnames"] == ["cat", "golden retriever", "red car"]
+    assert not any(k.startswith("clip.") for k in ckpt["trainable"])
+    restored = nap.from_checkpoint(tiny_clip(), ckpt)
+    x = images()
+    with torch.no_grad():
+        assert torch.equal(restored(x), prompted(x))
+    with pytest.raises(ValueError, match="pass transfer=True"):
+        nap.from_checkpoint(tiny_clip(), ckpt, classnames=["plane", "ship"])
+    assert nap.from_checkpoint(tiny_clip(), ckpt, classnames=["plane", "ship"], transfer=True)(x).shape == (4, 2)
+    wide = CLIP(32, 32, 3, 128, 8, 77, 49408, 128, 2, 3).eval()
+    with pytest.raises(ValueError, match="text width 64"):
+        nap.from_checkpoint(wide, ckpt)
+
+
+def test_bad_checkpoint_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        nap.load_checkpoint(str(tmp_path / "missing.pt"))
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"\x00garbage")
+    with pytest.raises(ValueError, match="corrupt"):
+        nap.load_checkpoint(str(corrupt))
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(2)}, other)
+    with pytest.raises(ValueError, match="not a NAP checkpoint"):
+        nap.load_checkpoint(str(other))
+
+
+def test_parameter_counts_on_vit_b16():
+    """Trainable parameters of each preset on ViT-B/16 (README table): prompts vs refiners."""
+    model = CLIP(512, 224, 12, 768, 16, 77, 49408, 512, 8, 12)
+    counts = {m: nap.count_parameters(nap.PromptedCLIP(model, NAMES, cfg)) for m, cfg in nap.PRESETS.items()}
+    maple_proj = 9 * (512 * 768 + 768)
+    refiners = 8 * (768 * 1536 * 2 + 1536 + 768) + 8 * (512 * 1024 * 2 + 1024 + 512)
+    assert counts["zeroshot"]["total"] == 0
+    assert counts["advpt"] == {"prompts": 4 * 512, "refiners": 0, "total": 2048}
+    assert counts["advvpt"]["prompts"] == 9 * 2 * 768
+    assert counts["advvlp"]["prompts"] == 9 * 2 * 512 + 9 * 2 * 768
+    assert counts["advmaple"]["prompts"] == 9 * 2 * 512 + maple_proj == 3_555_072
+    assert counts["nap"] == {"prompts": 3_555_072, "refiners": refiners, "total": 3_555_072 + refiners}
+    assert 768 * 1536 * 2 + 1536 + 768 == 2_361_600 and 512 * 1024 * 2 + 1024 + 512 == 1_050_112  # PAPER.md sizes
