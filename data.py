@@ -1,0 +1,406 @@
+"""Datasets, few-shot sampling, transforms and loaders; images leave here as float in [0, 1].
+
+Three kinds of dataset, all returning (image, int label) with `.classnames` and `.targets`:
+- the 15 datasets of the prompt-tuning literature (DATASETS) in CoOp's layout under a data root
+  (--data-root, else $NAP_DATA, else ./data), read from CoOp's split_zhou_*.json files, the
+  official FGVC-Aircraft lists, or ImageNet-style class folders plus CoOp's classnames.txt;
+- any folder of class sub-folders (a user's own data), with train/ and test/ (or val/) sub-trees
+  or, without them, a seeded 50/20/30 split per class;
+- `synthetic` and `synthetic-*`, the procedural tasks of synthetic.py.
+Class names are CoOp's, underscores read as spaces. ImageNet's val set serves as its test (and
+val) split, as in CoOp; the four ImageNet variants are test-only. Transforms follow CoOp/MaPLe
+(bicubic): random resized crop + flip for training, resize + centre crop for evaluation, with
+no normalisation (the model normalises).
+"""
+import json
+import os
+import warnings
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
+from torchvision.transforms import v2
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Info:
+    folder: str      # the dataset's folder under the data root
+    images: str      # image folder inside it; split files give paths relative to it
+    split_file: str  # CoOp's split file inside the folder ("" where CoOp reads other files)
+    n_classes: int
+    template: str    # CoOp's zero-shot prompt for the dataset
+    source: str      # where to download the images
+
+
+DATASETS = {
+    "imagenet": Info("imagenet", "images", "", 1000, "a photo of a {}.",
+                     "image-net.org (ILSVRC-2012 train and val, val sorted into class folders)"),
+    "caltech101": Info("caltech-101", "101_ObjectCategories", "split_zhou_Caltech101.json", 100,
+                       "a photo of a {}.", "data.caltech.edu/records/mzrjq-6wc02"),
+    "oxford_pets": Info("oxford_pets", "images", "split_zhou_OxfordPets.json", 37,
+                        "a photo of a {}, a type of pet.", "robots.ox.ac.uk/~vgg/data/pets"),
+    "stanford_cars": Info("stanford_cars", "", "split_zhou_StanfordCars.json", 196,
+                          "a photo of a {}.", "Stanford Cars (its cars_train/ and cars_test/)"),
+    "oxford_flowers": Info("oxford_flowers", "jpg", "split_zhou_OxfordFlowers.json", 102,
+                           "a photo of a {}, a type of flower.",
+                           "robots.ox.ac.uk/~vgg/data/flowers/102 (102flowers.tgz)"),
+    "food101": Info("food-101", "images", "split_zhou_Food101.json", 101,
+                    "a photo of {}, a type of food.",
+                    "data.vision.ee.ethz.ch/cvl/datasets_extra/food-101"),
+    "fgvc_aircraft": Info("fgvc_aircraft", "images", "", 100,
+                          "a photo of a {}, a type of aircraft.",
+                          "robots.ox.ac.uk/~vgg/data/fgvc-aircraft (fgvc-aircraft-2013b.tar.gz, "
+                          "its data/ folder renamed fgvc_aircraft/)"),
+    "sun397": Info("sun397", "SUN397", "split_zhou_SUN397.json", 397, "a photo of a {}.",
+                   "vision.princeton.edu/projects/2010/SUN (SUN397.tar.gz)"),
+    "dtd": Info("dtd", "images", "split_zhou_DescribableTextures.json", 47, "{} texture.",
+                "robots.ox.ac.uk/~vgg/data/dtd (dtd-r1.0.1.tar.gz)"),
+    "eurosat": Info("eurosat", "2750", "split_zhou_EuroSAT.json", 10,
+                    "a centered satellite photo of {}.", "github.com/phelber/EuroSAT (RGB)"),
+    "ucf101": Info("ucf101", "UCF-101-midframes", "split_zhou_UCF101.json", 101,
+                   "a photo of a person doing {}.",
+                   "UCF-101-midframes.zip (middle video frames), linked in CoOp's DATASETS.md"),
+    "imagenet_v2": Info("imagenetv2", "imagenetv2-matched-frequency-format-val", "", 1000,
+                        "a photo of a {}.",
+                        "github.com/modestyachts/ImageNetV2 (matched-frequency)"),
+    "imagenet_sketch": Info("imagenet-sketch", "images", "", 1000, "a photo of a {}.",
+                            "github.com/HaohanWang/ImageNet-Sketch"),
+    "imagenet_a": Info("imagenet-adversarial", "imagenet-a", "", 200, "a photo of a {}.",
+                       "github.com/hendrycks/natural-adv-examples"),
+    "imagenet_r": Info("imagenet-rendition", "imagenet-r", "", 200, "a photo of a {}.",
+                       "github.com/hendrycks/imagenet-r"),
+}
+TEST_ONLY = ("imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")
+PAPER_EVAL = ["imagenet", "caltech101", "dtd", "eurosat", "oxford_pets", "fgvc_aircraft", "food101",
+              "stanford_cars", "sun397", "ucf101"]
+_ALIASES = {"flowers102": "oxford_flowers", "imagenetv2": "imagenet_v2"}
+# CoOp renames these folder names when it writes its split files; names read from a split file
+# go through the same map, so a split file that holds the raw folder names reads the same.
+_RENAMES = {
+    "caltech101": {"airplanes": "airplane", "Faces": "face", "Leopards": "leopard",
+                   "Motorbikes": "motorbike"},
+    "eurosat": {"AnnualCrop": "Annual Crop Land",
+                "HerbaceousVegetation": "Herbaceous Vegetation Land",
+                "Highway": "Highway or Road", "Industrial": "Industrial Buildings",
+                "Pasture": "Pasture Land", "PermanentCrop": "Permanent Crop Land",
+                "Residential": "Residential Buildings", "SeaLake": "Sea or Lake"},
+}
+
+
+def default_root():
+    """The data root when none is given: $NAP_DATA, else ./data."""
+    return os.environ.get("NAP_DATA") or "./data"
+
+
+class ImageList(Dataset):
+    """(path, label) samples -> (transform(RGB PIL image), label); with .classnames, .targets."""
+
+    def __init__(self, samples, classnames, transform=None):
+        self.samples, self.classnames, self.transform = samples, classnames, transform
+        self.targets = [y for _, y in samples]
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        path, y = self.samples[i]
+        with Image.open(path) as im:
+            image = im.convert("RGB")
+        return (image if self.transform is None else self.transform(image)), y
+
+
+class Transformed(Dataset):
+    """A dataset of (image, label) with `transform` applied to the images; same .classnames."""
+
+    def __init__(self, dataset, transform=None):
+        self.dataset, self.transform = dataset, transform
+        self.classnames, self.targets = dataset.classnames, dataset.targets
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        image, y = self.dataset[i]
+        return (image if self.transform is None else self.transform(image)), y
+
+
+def build_dataset(name, root=None, split="test", transform=None):
+    """A dataset of (transform(image), label) with .classnames (list[str]) and .targets."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    if name == "synthetic" or name.startswith("synthetic-"):
+        import synthetic
+        return Transformed(synthetic.SyntheticDataset(task=name, split=split), transform)
+    key = name.lower().replace("-", "_")
+    key = _ALIASES.get(key, key)
+    if key in DATASETS:
+        samples, classnames = _read_known(key, os.path.expanduser(root or default_root()), split)
+        return ImageList(samples, classnames, transform)
+    if os.path.isdir(name):
+        samples, classnames = _read_tree(name, split)
+        return ImageList(samples, classnames, transform)
+    if os.sep in name:
+        raise FileNotFoundError(f"no folder at {name!r}; expected a folder of class sub-folders "
+                                f"(<class>/<image>), optionally under train/ and test/ (or val/)")
+    raise ValueError(f"unknown dataset {name!r}; expected one of {list(DATASETS)}, synthetic, "
+                     f"synthetic-<task>, or the path of a folder of class sub-folders")
+
+
+def _layout(key, root):
+    """One sentence: where the dataset was looked for and what should be there."""
+    info = DATASETS[key]
+    folder = os.path.join(root, info.folder)
+    images = os.path.join(folder, info.images, "...")
+    if info.split_file:
+        expected = f"{images} and {os.path.join(folder, info.split_file)}"
+    elif key == "fgvc_aircraft":
+        expected = (f"{images}, {folder}/variants.txt and {folder}/images_variant_"
+                    f"{{train,val,test}}.txt")
+    elif key == "imagenet":
+        expected = f"{folder}/images/{{train,val}}/<wnid>/<image> and {folder}/classnames.txt"
+    else:
+        expected = (f"{images} and a classnames.txt (in {folder} or {root}/imagenet) with lines "
+                    f"like 'n01440764 tench'")
+    return (f"{key}: looked in {folder}; expected CoOp's layout: {expected}. Images: "
+            f"{info.source}; split files and classnames.txt: CoOp's DATASETS.md "
+            f"(github.com/KaiyangZhou/CoOp). Point --data-root (or $NAP_DATA) at the folder "
+            f"that holds {info.folder}/.")
+
+
+def _read_known(key, root, split):
+    """Samples [(path, label)] and class names of one of DATASETS, checked against the disk."""
+    info = DATASETS[key]
+    folder = os.path.join(root, info.folder)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"dataset not found. {_layout(key, root)}")
+    if key in TEST_ONLY and split != "test":
+        raise ValueError(f"{key} is a test-only dataset; ask for split='test', not {split!r}")
+    try:
+        if info.split_file:
+            samples, names = _read_coop_split(os.path.join(folder, info.split_file),
+                                              os.path.join(folder, info.images), split)
+        elif key == "fgvc_aircraft":
+            samples, names = _read_aircraft(folder, split)
+        elif key == "imagenet_v2":
+            samples, names = _read_numbered_folders(os.path.join(folder, info.images),
+                                                    _imagenet_names(root, folder), info.n_classes)
+        else:
+            images = os.path.join(folder, info.images)
+            if key == "imagenet":  # CoOp tests (and validates) on ImageNet's val set
+                images = os.path.join(images, "train" if split == "train" else "val")
+            samples, names = _read_wnid_folders(images, _imagenet_names(root, folder),
+                                                info.n_classes)
+    except (FileNotFoundError, ValueError) as e:
+        raise type(e)(f"{e}. {_layout(key, root)}") from None
+    if len(names) != info.n_classes:
+        raise ValueError(f"{key} has {info.n_classes} classes but {len(names)} were read. "
+                         f"{_layout(key, root)}")
+    listed = info.split_file or key == "fgvc_aircraft"  # the others were read from the disk
+    missing = [p for p, _ in samples if not os.path.isfile(p)] if listed else []
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of {len(samples)} {split} images are missing, "
+                                f"e.g. {missing[0]}. {_layout(key, root)}")
+    renames = _RENAMES.get(key, {})
+    return samples, [renames.get(n, n).replace("_", " ") for n in names]
+
+
+def _read_coop_split(path, image_dir, split):
+    """CoOp's {"train"|"val"|"test": [[relpath, label, classname], ...]} -> samples, names."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"split file {path} is missing")
+    with open(path) as f:
+        splits = json.load(f)
+    if not all(s in splits for s in SPLITS):
+        raise ValueError(f"split file {path} lacks one of the keys {SPLITS}")
+    names = {}
+    for s in SPLITS:
+        for _, label, classname in splits[s]:
+            if names.setdefault(int(label), classname) != classname:
+                raise ValueError(f"split file {path} names label {label} both "
+                                 f"{names[int(label)]!r} and {classname!r}")
+    if sorted(names) != list(range(len(names))):
+        raise ValueError(f"split file {path} has labels that are not 0..{len(names) - 1}")
+    samples = [(os.path.join(image_dir, rel), int(label)) for rel, label, _ in splits[split]]
+    return samples, [names[y] for y in range(len(names))]
+
+
+def _read_aircraft(folder, split):
+    """FGVC-Aircraft's variants.txt and images_variant_<split>.txt -> samples, names."""
+    names = _read_lines(os.path.join(folder, "variants.txt"))
+    label = {n: i for i, n in enumerate(names)}
+    samples = []
+    for line in _read_lines(os.path.join(folder, f"images_variant_{split}.txt")):
+        image, variant = line.split(" ", 1)
+        if variant not in label:
+            raise ValueError(f"images_variant_{split}.txt names variant {variant!r}, "
+                             f"which is not in variants.txt")
+        samples.append((os.path.join(folder, "images", image + ".jpg"), label[variant]))
+    return samples, names
+
+
+def _read_lines(path):
+    """The non-empty lines of a text file, stripped."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing")
+    with open(path) as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def _imagenet_names(root, folder):
+    """CoOp's classnames.txt ('n01440764 tench' per line), from `folder` or root/imagenet."""
+    for path in (os.path.join(folder, "classnames.txt"),
+                 os.path.join(root, "imagenet", "classnames.txt")):
+        if os.path.isfile(path):
+            return OrderedDict(line.split(" ", 1) for line in _read_lines(path))
+    raise FileNotFoundError(f"classnames.txt is missing from {folder} and {root}/imagenet")
+
+
+def _image_files(folder):
+    """Sorted paths of the image files in one folder."""
+    return sorted(e.path for e in os.scandir(folder)
+                  if e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS))
+
+
+def _read_wnid_folders(image_dir, wnid_names, n_classes):
+    """<image_dir>/<wnid>/<image>, label = rank of the wnid among the folders -> samples, names."""
+    if not os.path.isdir(image_dir):
+        raise FileNotFoundError(f"{image_dir} is missing")
+    wnids = sorted(e.name for e in os.scandir(image_dir) if e.is_dir())
+    if len(wnids) != n_classes:
+        raise ValueError(f"{image_dir} has {len(wnids)} class folders, expected {n_classes}")
+    unknown = [w for w in wnids if w not in wnid_names]
+    if unknown:
+        raise ValueError(f"class folders {unknown[:3]} of {image_dir} are not in classnames.txt")
+    samples = [(p, y) for y, w in enumerate(wnids)
+               for p in _image_files(os.path.join(image_dir, w))]
+    return samples, [wnid_names[w] for w in wnids]
+
+
+def _read_numbered_folders(image_dir, wnid_names, n_classes):
+    """ImageNetV2: <image_dir>/<label>/<image>, names in classnames.txt order -> samples, names."""
+    if not os.path.isdir(image_dir):
+        raise FileNotFoundError(f"{image_dir} is missing")
+    found = {e.name for e in os.scandir(image_dir) if e.is_dir()}
+    if found != {str(y) for y in range(n_classes)}:
+        raise ValueError(f"{image_dir} should hold class folders 0..{n_classes - 1}, "
+                         f"found {len(found)} folders")
+    samples = [(p, y) for y in range(n_classes)
+               for p in _image_files(os.path.join(image_dir, str(y)))]
+    return samples, list(wnid_names.values())[:n_classes]
+
+
+def _read_tree(path, split):
+    """A folder of class sub-folders, with train/ and test/ (or val/) sub-trees or split here."""
+    expected = (f"expected {path}/<class>/<image>, or {path}/train/<class>/<image> with "
+                f"{path}/test/ (or val/) holding the same class folders")
+    subtrees = [s for s in SPLITS if os.path.isdir(os.path.join(path, s))]
+    try:
+        if "train" not in subtrees:
+            tree = ImageFolder(path)
+            counts = Counter(tree.targets)
+            few = [c for c, y in tree.class_to_idx.items() if counts[y] < 3]
+            if few:
+                raise ValueError(f"classes {few[:5]} have fewer than 3 images, too few for a "
+                                 f"50/20/30 split")
+            return _split_per_class(tree.samples, split), _names(tree.classes)
+        wanted = {"train": ["train"], "val": ["val", "test"], "test": ["test", "val"]}[split]
+        sub = next((s for s in wanted if s in subtrees), None)
+        if sub is None:
+            raise FileNotFoundError(f"no {' or '.join(wanted)} folder in {path}")
+        tree = ImageFolder(os.path.join(path, sub))
+        if tree.classes != find_classes(os.path.join(path, "train"))[0]:
+            raise ValueError(f"{path}/{sub} and {path}/train hold different class folders")
+    except (FileNotFoundError, ValueError) as e:
+        raise type(e)(f"{e}; {expected}") from None
+    return tree.samples, _names(tree.classes)
+
+
+def _names(folders):
+    return [f.replace("_", " ") for f in folders]
+
+
+def _split_per_class(samples, split, seed=0):
+    """Seeded 50% train / 20% val / 30% test of every class's samples (rounded per class)."""
+    g = torch.Generator().manual_seed(seed)
+    by_class = {}
+    for path, y in samples:
+        by_class.setdefault(y, []).append((path, y))
+    chosen = []
+    for y in sorted(by_class):
+        items = by_class[y]
+        perm = torch.randperm(len(items), generator=g).tolist()
+        n_train, n_val = round(0.5 * len(items)), round(0.2 * len(items))
+        start, stop = {"train": (0, n_train), "val": (n_train, n_train + n_val),
+                       "test": (n_train + n_val, len(items))}[split]
+        chosen += sorted((items[i] for i in perm[start:stop]), key=lambda s: s[0])
+    return chosen
+
+
+def few_shot(dataset, shots, seed):
+    """`shots` images per class, drawn with `seed` from dataset.targets alone -> Subset.
+
+    The draw reads only the labels (no image is loaded, the global RNG is untouched), so the same
+    dataset and seed give the same indices. A class with fewer than `shots` images keeps all of
+    them, with a warning (as CoOp/Dassl do). The Subset carries .classnames and .targets.
+    """
+    if shots < 1:
+        raise ValueError(f"shots must be >= 1, got {shots}")
+    targets = torch.as_tensor(list(dataset.targets), dtype=torch.long)
+    n_classes = len(dataset.classnames)
+    counts = torch.bincount(targets, minlength=n_classes)
+    by_class = torch.argsort(targets, stable=True).split(counts.tolist())
+    g = torch.Generator().manual_seed(seed)
+    chosen = []
+    for members in by_class:
+        chosen += members[torch.randperm(len(members), generator=g)[:shots]].tolist()
+    short = [dataset.classnames[c] for c in range(n_classes) if counts[c] < shots]
+    if short:
+        warnings.warn(f"{len(short)} of {n_classes} classes have fewer than {shots} images "
+                      f"(e.g. {short[:3]}); all their images are used")
+    chosen.sort()
+    subset = Subset(dataset, chosen)
+    subset.classnames, subset.targets = dataset.classnames, targets[chosen].tolist()
+    return subset
+
+
+def eval_transform(n_px):
+    """PIL image -> (3, n_px, n_px) float32 in [0,1]: bicubic resize of the short side, centre
+    crop; the same numbers as OpenAI's CLIP preprocess before its normalisation."""
+    return v2.Compose([v2.Resize(n_px, interpolation=v2.InterpolationMode.BICUBIC),
+                       v2.CenterCrop(n_px), _to_tensor()])
+
+
+def train_transform(n_px):
+    """PIL image -> (3, n_px, n_px) float32 in [0,1]: random resized crop (scale 0.08-1,
+    bicubic) and horizontal flip, as CoOp/MaPLe train (Dassl's random_resized_crop, random_flip)."""
+    return v2.Compose([v2.RandomResizedCrop(n_px, scale=(0.08, 1.0),
+                                            interpolation=v2.InterpolationMode.BICUBIC),
+                       v2.RandomHorizontalFlip(), _to_tensor()])
+
+
+def _to_tensor():
+    return v2.Compose([v2.ToImage(), v2.ToPureTensor(), v2.Lambda(_unit_range)])
+
+
+def _unit_range(x):
+    """uint8 -> float32 / 255, bit for bit as torchvision's classic ToTensor (not * (1/255))."""
+    return x.to(torch.float32).div_(255)
+
+
+def loader(dataset, batch_size, train, workers=4, device="cpu", seed=0):
+    """Batches (B, 3, n, n) float32, (B,) int64; shuffled (dropping a last partial batch) if train.
+
+    A seeded generator fixes the shuffling and the workers' seeds, hence their random crops, so a
+    training run is reproducible; with workers=0 the crops draw from the global torch RNG instead.
+    """
+    return DataLoader(dataset, batch_size=batch_size, shuffle=train, num_workers=workers,
+                      pin_memory=torch.device(device).type == "cuda",
+                      drop_last=train and len(dataset) >= batch_size,
+                      generator=torch.Generator().manual_seed(seed),
+                      persistent_workers=workers > 0)
