@@ -114,10 +114,10 @@ def _loss_grad(model, x, y, loss_fn, t=None, eot=1):
     x = x.detach().requires_grad_(True)
     loss = grad = logits = 0
     for _ in range(eot):
-        with torch.enable_grad():
+        with torch.enable_grad():  # also when the caller runs under torch.no_grad()
             z = model(x).to(x.dtype)
             l = loss_fn(z, y, t)
-        grad = grad + _input_grad(l, x)
+            grad = grad + _input_grad(l, x)
         loss, logits = loss + l.detach(), logits + z.detach()
     return loss / eot, grad / eot, logits / eot
 
@@ -399,6 +399,8 @@ def square(model, x, y, eps, queries=5000, p_init=0.8, seed=0):
         return 2 * torch.randint(0, 2, shape, generator=gen, device=x.device) - 1
 
     i = (_predict(model, x0) == y).nonzero()[:, 0]
+    if not len(i):
+        return out.to(x.dtype)
     xa, ya = x0[i], y[i]
     best = _project(xa + eps * sign(len(i), c, 1, w), xa, eps, "linf")
     with torch.no_grad():

@@ -1,0 +1,358 @@
+"""Tests for attacks.py: invariants on random models, closed-form linear models, the ensemble,
+degenerate models, early stopping, determinism and argument checks."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import attacks as A
+
+EPS = 8 / 255
+C = 10
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run faster (and steadier on a busy machine) on one thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_cnn(seed=0, dtype=torch.float32):
+    """A random conv net from (B, 3, 8, 8) images to 10 logits."""
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+        torch.nn.Linear(8 * 8 * 8, C))
+    return net.to(dtype).eval()
+
+
+def images(n=24, seed=0, dtype=torch.float32):
+    """Random images in [0,1] with some pixels exactly on the box edges."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 3, 8, 8, generator=g, dtype=dtype)
+    return torch.where(x < 0.1, torch.zeros_like(x), torch.where(x > 0.9, torch.ones_like(x), x))
+
+
+def labels_mostly_right(model, x):
+    """The model's own predictions, with every fourth label changed (clean mistakes)."""
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    y[::4] = (y[::4] + 1) % C
+    return y
+
+
+# name -> (attack(model, x, y, eps), norm); steps and queries reduced to keep the tests fast
+ATTACKS = {
+    "fgsm": (lambda m, x, y, e: A.fgsm(m, x, y, e), "linf"),
+    "pgd": (lambda m, x, y, e: A.pgd(m, x, y, e, e / 4, 10, seed=0), "linf"),
+    "pgd-plain": (lambda m, x, y, e: A.pgd(m, x, y, e, e / 4, 10, early_stop=False), "linf"),
+    "pgd-l2": (lambda m, x, y, e: A.pgd(m, x, y, 0.5, 0.1, 10, norm="l2", seed=0), "l2"),
+    "apgd-ce": (lambda m, x, y, e: A.apgd(m, x, y, e, steps=10, restarts=2), "linf"),
+    "apgd-dlr": (lambda m, x, y, e: A.apgd(m, x, y, e, steps=10, loss="dlr", eot=2), "linf"),
+    "apgd-l2": (lambda m, x, y, e: A.apgd(m, x, y, 0.5, steps=10, norm="l2"), "l2"),
+    "apgd-t": (lambda m, x, y, e: A.apgd_targeted(m, x, y, e, steps=10, n_targets=3), "linf"),
+    "fab-t": (lambda m, x, y, e: A.fab_targeted(m, x, y, e, steps=10, n_targets=3), "linf"),
+    "square": (lambda m, x, y, e: A.square(m, x, y, e, queries=100), "linf"),
+    "aa": (lambda m, x, y, e: A.autoattack(m, x, y, e, steps=10, queries=100), "linf"),
+    "aa-rand": (lambda m, x, y, e: A.autoattack(m, x, y, e, "rand", steps=3), "linf"),
+}
+
+
+def within_ball(x_adv, x, eps, norm):
+    d = (x_adv - x).flatten(1)
+    radius = d.abs().amax(1) if norm == "linf" else d.norm(dim=1)
+    bound = eps if norm == "linf" else 0.5
+    return bool((radius <= bound + 1e-6).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", ATTACKS)
+def test_invariants(name, dtype):
+    attack, norm = ATTACKS[name]
+    model, x = tiny_cnn(dtype=dtype), images(dtype=dtype)
+    y = labels_mostly_right(model, x)
+    x_before, y_before = x.clone(), y.clone()
+    x_adv = attack(model, x, y, EPS)
+    assert x_adv.shape == x.shape and x_adv.dtype == x.dtype and x_adv.device == x.device
+    assert torch.isfinite(x_adv).all()
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    assert within_ball(x_adv, x, EPS, norm)
+    assert torch.equal(x, x_before) and torch.equal(y, y_before)  # inputs left alone
+    with torch.no_grad():
+        wrong_before, wrong_after = model(x).argmax(1) != y, model(x_adv).argmax(1) != y
+    assert wrong_after[wrong_before].all()  # robust accuracy <= clean accuracy, point by point
+    if name != "fgsm":
+        assert wrong_after.sum() > wrong_before.sum()  # a random net at 8/255 breaks somewhere
+
+
+# ----------------------------------------------------------------------------- linear models
+
+def linear_model(norm="linf", n=60, seed=0, scale=10.0):
+    """A linear 10-class model on (n, 3, 8, 8) inputs in [0.3, 0.7] and the closed-form smallest
+    perturbation that fools it: min_j margin_j / ||w_y - w_j||_q (q dual to the attack norm)."""
+    g = torch.Generator().manual_seed(seed)
+    w = scale * torch.randn(C, 3 * 8 * 8, generator=g, dtype=torch.float64)
+    x = 0.3 + 0.4 * torch.rand(n, 3, 8, 8, generator=g, dtype=torch.float64)
+
+    def model(v):
+        return v.flatten(1) @ w.T
+
+    z = model(x)
+    y = z.argmax(1)
+    margin = z.gather(1, y[:, None]) - z
+    dual = (w[y][:, None] - w[None]).norm(p=1 if norm == "linf" else 2, dim=-1)
+    d_min = (margin / dual).masked_fill(F.one_hot(y, C).bool(), float("inf")).amin(1)
+    return model, x, y, d_min
+
+
+LINEAR = {
+    "pgd": lambda m, x, y, e, norm: A.pgd(m, x, y, e, e / 10, 30, norm=norm, seed=0),
+    "pgd-plain": lambda m, x, y, e, norm: A.pgd(m, x, y, e, e / 10, 30, norm=norm,
+                                                 early_stop=False, seed=0),
+    "apgd-ce": lambda m, x, y, e, norm: A.apgd(m, x, y, e, steps=30, norm=norm),
+    "apgd-dlr": lambda m, x, y, e, norm: A.apgd(m, x, y, e, steps=30, loss="dlr", norm=norm),
+    "apgd-t": lambda m, x, y, e, norm: A.apgd_targeted(m, x, y, e, steps=30, norm=norm),
+    "aa": lambda m, x, y, e, norm: A.autoattack(m, x, y, e, steps=30, queries=50),
+}
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("name", LINEAR)
+def test_linear_model_breaks_exactly_the_points_below_eps(name, norm):
+    if name == "aa" and norm == "l2":
+        pytest.skip("autoattack is L-inf only")
+    model, x, y, d_min = linear_model(norm)
+    eps = d_min.median().item()  # half the points can be broken
+    x_adv = LINEAR[name](model, x, y, eps, norm)
+    broken = model(x_adv).argmax(1) != y
+    assert broken[d_min < 0.98 * eps].all()  # a 2% band around eps is left open
+    assert not broken[d_min > eps * (1 + 1e-6)].any()
+    assert 15 < int(broken.sum()) < 45
+
+
+def test_fab_finds_the_closed_form_minimal_perturbation():
+    model, x, y, d_min = linear_model()
+    x_adv = A.fab_targeted(model, x, y, 1.0, steps=20, early_stop=False)  # eps=1: whole box
+    assert (model(x_adv).argmax(1) != y).all()
+    ratio = (x_adv - x).flatten(1).abs().amax(1) / d_min
+    assert ratio.min() >= 1 - 1e-6 and ratio.max() <= 1.02
+
+
+def test_fab_breaks_exactly_the_points_below_eps():
+    model, x, y, d_min = linear_model()
+    eps = d_min.median().item()
+    broken = model(A.fab_targeted(model, x, y, eps, steps=20)).argmax(1) != y
+    assert broken[d_min < 0.98 * eps].all() and not broken[d_min > eps * (1 + 1e-6)].any()
+
+
+def test_square_breaks_the_easy_points_and_no_others():
+    model, x, y, d_min = linear_model()
+    eps = d_min.median().item()
+    broken = model(A.square(model, x, y, eps, queries=300)).argmax(1) != y
+    assert broken[d_min < 0.25 * eps].all() and not broken[d_min > eps * (1 + 1e-6)].any()
+
+
+def test_hyperplane_projection_is_the_smallest_linf_step():
+    g = torch.Generator().manual_seed(0)
+    p, w = torch.rand(50, 30, generator=g, dtype=torch.float64), torch.randn(50, 30, generator=g,
+                                                                             dtype=torch.float64)
+    w[:5, :10] = 0  # coordinates the hyperplane ignores
+    c = 0.5 * torch.randn(50, generator=g, dtype=torch.float64)
+    d = A._project_hyperplane(p, w, c)
+    # the largest |w.d| reachable with ||d||_inf <= lam inside the box, found by bisection
+    room = torch.where(w * c[:, None] > 0, 1 - p, p)
+    lo, hi = torch.zeros(50, dtype=torch.float64), torch.ones(50, dtype=torch.float64)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        ok = (w.abs() * torch.minimum(mid[:, None], room)).sum(1) >= c.abs()
+        lo, hi = torch.where(ok, lo, mid), torch.where(ok, mid, hi)
+    reachable = (w.abs() * room).sum(1) >= c.abs()
+    assert reachable.sum() > 40
+    assert torch.allclose((w * d).sum(1)[reachable], c[reachable], atol=1e-9)
+    assert torch.allclose(d.abs().amax(1)[reachable], hi[reachable], atol=1e-9)
+    assert ((p + d) >= -1e-12).all() and ((p + d) <= 1 + 1e-12).all()
+    full_move = torch.where(w != 0, room, torch.zeros_like(room))
+    assert torch.allclose(d.abs()[~reachable], full_move[~reachable])
+
+
+# ----------------------------------------------------------------------------- ensemble
+
+def test_autoattack_is_at_least_as_strong_as_each_member():
+    model, x = tiny_cnn(1), images(40, seed=1)
+    y = labels_mostly_right(model, x)
+    eps = 2 / 255
+
+    def robust(x_adv):
+        with torch.no_grad():
+            return int((model(x_adv).argmax(1) == y).sum())
+
+    x_adv, info = A.autoattack(model, x, y, eps, steps=20, queries=200, return_info=True)
+    members = [A.apgd(model, x, y, eps, steps=20), A.apgd_targeted(model, x, y, eps, steps=20),
+               A.fab_targeted(model, x, y, eps, steps=20), A.square(model, x, y, eps, queries=200)]
+    assert robust(x_adv) == info["robust"]
+    assert all(info["robust"] <= robust(m) for m in members)
+    assert info["clean"] == robust(x) == 30
+    assert info["clean"] - info["apgd-ce"] - info["apgd-t"] - info["fab-t"] - info["square"] \
+        == info["robust"]
+    assert 0 < info["robust"] < info["clean"]
+    assert list(info) == ["clean", "apgd-ce", "apgd-t", "fab-t", "square", "robust"]
+
+
+# ----------------------------------------------------------------------------- degenerate models
+
+class Counting:
+    """Wraps a model and counts its forward calls."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, 0
+
+    def __call__(self, x):
+        self.calls += 1
+        return self.model(x)
+
+
+def constant_logits(x):
+    """Logits that ignore the image: zero gradient everywhere."""
+    return torch.arange(C, dtype=x.dtype).expand(len(x), C)
+
+
+def constant_in_graph(x):
+    """Logits that depend on x only through a zero factor: a zero, not a missing, gradient."""
+    return constant_logits(x) + 0 * x.flatten(1).sum(1, keepdim=True)
+
+
+@pytest.mark.parametrize("model", [constant_logits, constant_in_graph])
+@pytest.mark.parametrize("name", ATTACKS)
+def test_zero_gradient_model_does_not_crash(name, model):
+    attack, norm = ATTACKS[name]
+    x = images(8)
+    y = torch.full((8,), C - 1)  # right everywhere, and nothing can change that
+    x_adv = attack(model, x, y, EPS)
+    assert torch.isfinite(x_adv).all() and within_ball(x_adv, x, EPS, norm)
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+
+
+@pytest.mark.parametrize("name", [n for n in ATTACKS if n not in ("fgsm", "pgd-plain")])
+def test_model_wrong_everywhere_costs_one_forward_pass(name):
+    model = Counting(tiny_cnn())
+    x = images(8)
+    with torch.no_grad():
+        y = (model.model(x).argmax(1) + 1) % C
+    x_adv = ATTACKS[name][0](model, x, y, EPS)
+    assert model.calls == 1  # the clean check, no attack iterations
+    assert torch.equal(x_adv, x)
+
+
+# ----------------------------------------------------------------------------- PGD for training
+
+def test_plain_pgd_is_the_fixed_step_loop():
+    model, x = tiny_cnn(), images()
+    y = labels_mostly_right(model, x)
+    x_ref = x.clone()
+    for _ in range(5):
+        x_ref.requires_grad_(True)
+        loss = F.cross_entropy(model(x_ref), y, reduction="sum")
+        (g,) = torch.autograd.grad(loss, x_ref)
+        x_ref = torch.min(torch.max(x_ref.detach() + EPS / 4 * g.sign(), x - EPS), x + EPS)
+        x_ref = x_ref.clamp(0, 1)
+    x_adv = A.pgd(model, x, y, EPS, EPS / 4, 5, random_start=False, early_stop=False)
+    assert torch.allclose(x_adv, x_ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["pgd", "pgd-plain", "apgd-ce", "apgd-t", "square"])
+def test_first_fooling_iterate_is_kept_and_ends_the_attack(name):
+    net, x = tiny_cnn(), images(8)
+    with torch.no_grad():
+        y = net(x).argmax(1)
+    seen = []
+
+    def model(v):  # right on every call but the third (after the clean check and the start)
+        seen.append(v.detach().clone())
+        return -net(v) if len(seen) == 3 else net(v)
+
+    x_adv = ATTACKS[name][0](model, x, y, 1 / 255)  # too small for the start to fool it
+    if name == "pgd-plain":  # training PGD runs every step and returns the last iterate
+        assert len(seen) == 10 and not torch.equal(x_adv, seen[2])
+    else:
+        assert len(seen) == 3 and torch.equal(x_adv, seen[2])
+
+
+def test_pgd_under_autocast_keeps_float32_and_leaves_parameter_grads_alone():
+    model, x = tiny_cnn(), images()
+    y = labels_mostly_right(model, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x_adv = A.pgd(model, x, y, EPS, EPS / 4, 3, early_stop=False)
+    assert x_adv.dtype == torch.float32 and within_ball(x_adv, x, EPS, "linf")
+    assert (x_adv != x).any()
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_pgd_seed_none_uses_the_global_rng():
+    model, x = tiny_cnn(), images()
+    y = labels_mostly_right(model, x)
+    torch.manual_seed(5)
+    a = A.pgd(model, x, y, EPS, EPS / 4, 2, early_stop=False)
+    torch.manual_seed(5)
+    b = A.pgd(model, x, y, EPS, EPS / 4, 2, early_stop=False)
+    assert torch.equal(a, b) and not torch.equal(a, A.pgd(model, x, y, EPS, EPS / 4, 2,
+                                                          early_stop=False))
+
+
+# ----------------------------------------------------------------------------- determinism
+
+@pytest.mark.parametrize("name", ["pgd", "apgd-ce", "apgd-t", "square", "aa"])
+def test_same_seed_same_output(name):
+    attack = ATTACKS[name][0]
+    model, x = tiny_cnn(), images()
+    y = labels_mostly_right(model, x)
+    assert torch.equal(attack(model, x, y, 1 / 255), attack(model, x, y, 1 / 255))
+
+
+def test_seed_changes_the_random_start():
+    model, x = tiny_cnn(), images()
+    y = labels_mostly_right(model, x)
+    a, b = (A.apgd(model, x, y, 1 / 255, steps=5, seed=s) for s in (0, 1))
+    c, d = (A.square(model, x, y, 1 / 255, queries=5, seed=s) for s in (0, 1))
+    assert not torch.equal(a, b) and not torch.equal(c, d)
+
+
+# ----------------------------------------------------------------------------- APGD schedule
+
+def test_apgd_checkpoints_follow_the_published_schedule():
+    assert A._checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
+    assert A._checkpoints(10) == [3, 5, 6, 7, 8, 9, 10]
+
+
+# ----------------------------------------------------------------------------- arguments
+
+@pytest.mark.parametrize("text, value", [("1/255", 1 / 255), ("4/255", 4 / 255), (" 8/255 ", 8 / 255),
+                                         ("0.0039", 0.0039), (0.0039, 0.0039), ("0", 0.0),
+                                         ("1", 1.0), (2 / 255, 2 / 255)])
+def test_parse_eps_accepts_fractions_and_floats(text, value):
+    assert A.parse_eps(text) == pytest.approx(value, rel=1e-12)
+
+
+@pytest.mark.parametrize("text", ["-1/255", "-0.1", "2", "256/255", "abc", "", "1/0", "nan",
+                                  "inf", "4/255/2", "4 / x", None])
+def test_parse_eps_rejects_garbage_with_a_clear_message(text):
+    with pytest.raises(ValueError, match="eps"):
+        A.parse_eps(text)
+
+
+def test_bad_arguments_raise_clear_errors():
+    model, x = tiny_cnn(), images(4)
+    y = torch.zeros(4, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"\[0,1\]"):
+        A.pgd(model, x * 2 - 1, y, EPS, EPS, 1)
+    with pytest.raises(ValueError, match="class indices"):
+        A.apgd(model, x, y[:3], EPS)
+    with pytest.raises(ValueError, match="norm"):
+        A.pgd(model, x, y, EPS, EPS, 1, norm="l1")
+    with pytest.raises(ValueError, match="loss"):
+        A.apgd(model, x, y, EPS, loss="hinge")
+    with pytest.raises(ValueError, match="version"):
+        A.autoattack(model, x, y, EPS, version="plus")
+    with pytest.raises(ValueError, match="3 classes"):
+        A.apgd(lambda v: model(v)[:, :2], x, y, EPS, loss="dlr")
