@@ -137,7 +137,7 @@ def render(attrs, res, rng):
 
 def caption(attrs, rng):
     """A caption naming a random non-empty subset of `attrs` with a random template."""
-    named = [a for a in ATTRIBUTES if rng.random() < 0.6] or [list(ATTRIBUTES)[rng.integers(5)]]
+    named = set(rng.permutation(list(ATTRIBUTES))[:rng.integers(1, len(ATTRIBUTES) + 1)])
     words = [attrs[a] for a in ("size", "colour", "texture") if a in named]
     if "shape" in named:
         words.append(attrs["shape"])
