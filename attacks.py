@@ -163,15 +163,19 @@ def fgsm(model, x, y, eps):
     return _project(x0 + eps * g.sign(), x0, eps, "linf").to(x.dtype)
 
 
-def pgd(model, x, y, eps, alpha, steps, random_start=True, norm="linf", early_stop=True, seed=None):
+def pgd(model, x, y, eps, alpha, steps, random_start=True, norm="linf", early_stop=True, seed=None, x_init=None):
     """PGD on the cross-entropy (Madry et al.): images (B, ...), labels (B,) -> x_adv (B, ...).
 
     early_stop=True (evaluation): a point counts as broken once the clean image or any iterate
     fools the model; it keeps that image and is attacked no further. early_stop=False (training):
     the plain fixed-step attack on every point, returning the last iterate. seed=None draws the
-    random start from torch's global RNG."""
+    random start from torch's global RNG. x_init, if given, is the starting point instead (projected
+    onto the ball and box), e.g. a start drawn per image so that it does not depend on the batch."""
     x0, y = _prepare(x, y, eps, norm)
-    x_adv = _random_start(x0, eps, norm, _generator(seed, x.device), False) if random_start else x0
+    if x_init is not None:
+        x_adv = _project(x_init.detach().to(x0.dtype), x0, eps, norm)
+    else:
+        x_adv = _random_start(x0, eps, norm, _generator(seed, x.device), False) if random_start else x0
     if not early_stop:
         for _ in range(steps):
             _, g, _ = _loss_grad(model, x_adv, y, _ce)
