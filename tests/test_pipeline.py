@@ -1,0 +1,147 @@
+"""train.py / evaluate.py end to end on synthetic data with a tiny CLIP saved to a file; resume; bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import evaluate
+import nap
+import runtime
+import train
+from clip.model import CLIP
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = (32, 32, 2, 64, 8, 77, 49408, 64, 1, 2)
+FAST = ["--dataset", "synthetic", "--shots", "2", "--batch-size", "8", "--workers", "0", "--depth", "2",
+        "--eps", "4/255", "--device", "cpu", "--optimizer", "adamw", "--lr", "1e-3", "--warmup-epochs", "1"]
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory):
+    torch.manual_seed(0)
+    path = str(tmp_path_factory.mktemp("weights") / "tiny.pt")
+    torch.save(CLIP(*TINY).state_dict(), path)
+    return path
+
+
+def cli(script, *args, cwd=ROOT):
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": ROOT})
+
+
+def test_train_then_evaluate_through_the_clis(tiny_weights, tmp_path):
+    out = tmp_path / "run"
+    r = cli("train.py", *FAST, "--arch", tiny_weights, "--method", "nap", "--epochs", "2", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    ckpt = nap.load_checkpoint(str(out / "checkpoint.pt"))
+    assert ckpt["arch"] == tiny_weights and ckpt["epoch"] == 1 and len(ckpt["history"]) == 2
+    assert os.path.getsize(out / "checkpoint.pt") < 2_000_000 and (out / "train.log").read_text().count("epoch") >= 2
+    results = tmp_path / "eval.json"
+    r = cli("evaluate.py", "--checkpoint", str(out / "checkpoint.pt"), "--dataset", "synthetic", "synthetic-colour",
+            "--attack", "pgd", "--eps", "4/255", "--steps", "3", "--n-samples", "24", "--batch-size", "8",
+            "--workers", "0", "--device", "cpu", "--out", str(results))
+    assert r.returncode == 0, r.stderr
+    table = json.loads(results.read_text())
+    assert set(table) == {"synthetic", "synthetic-colour"}
+    for row in table.values():
+        assert {"clean", "robust", "attack", "eps", "steps", "n_samples", "seconds"} <= set(row)
+        assert row["n_samples"] == 24 and 0 <= row["robust"] <= row["clean"] <= 100 and row["attack"] == "pgd"
+        assert abs(row["eps"] - 4 / 255) < 1e-12
+    assert "| **average** |" in r.stdout and (tmp_path / "eval.md").exists()
+    assert not (tmp_path / "eval.json.partial" / "synthetic").exists()  # finished shards are cleaned up
+
+
+def test_zeroshot_evaluation_matches_a_direct_count(tiny_weights, tmp_path):
+    """The CLI's clean accuracy equals counting argmax hits of the zero-shot model by hand."""
+    import data
+    results = tmp_path / "zs.json"
+    evaluate.main(["--arch", tiny_weights, "--dataset", "synthetic-colour", "--attack", "none", "--batch-size", "16",
+                   "--workers", "0", "--device", "cpu", "--out", str(results)])
+    backbone = runtime.load_backbone(tiny_weights, torch.device("cpu"))
+    ds = data.build_dataset("synthetic-colour", split="test", transform=data.eval_transform(32))
+    model = nap.PromptedCLIP(backbone, ds.classnames, nap.PRESETS["zeroshot"])
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    with torch.no_grad():
+        hits = (model(x).argmax(1) == torch.tensor(ds.targets)).sum().item()
+    row = json.loads(results.read_text())["synthetic-colour"]
+    assert row["robust"] is None and row["clean"] == pytest.approx(100 * hits / len(ds))
+
+
+def test_resume_reaches_the_uninterrupted_result(tiny_weights, tmp_path):
+    """One epoch, stop, resume to three epochs == three epochs straight (warm-up lr does not depend on --epochs)."""
+    common = [*FAST, "--arch", tiny_weights, "--method", "advvlp", "--seed", "3"]
+    train.main([*common, "--epochs", "3", "--out", str(tmp_path / "straight")])
+    train.main([*common, "--epochs", "1", "--out", str(tmp_path / "resumed")])
+    train.main([*common, "--epochs", "3", "--out", str(tmp_path / "resumed"), "--resume"])
+    a = nap.load_checkpoint(str(tmp_path / "straight" / "checkpoint.pt"))
+    b = nap.load_checkpoint(str(tmp_path / "resumed" / "checkpoint.pt"))
+    assert a["epoch"] == b["epoch"] == 2
+    for k in a["trainable"]:
+        assert torch.equal(a["trainable"][k], b["trainable"][k]), k
+    assert [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]
+
+
+def test_every_loss_trains(tiny_weights, tmp_path):
+    for loss in train.LOSSES:
+        train.main([*FAST, "--arch", tiny_weights, "--method", "nap", "--epochs", "1", "--loss", loss,
+                    "--out", str(tmp_path / loss)])
+        history = nap.load_checkpoint(str(tmp_path / loss / "checkpoint.pt"))["history"]
+        assert torch.isfinite(torch.tensor(history[0]["loss"])), loss
+
+
+def test_evaluation_resumes_from_finished_batches(tiny_weights, tmp_path, monkeypatch):
+    """Batches already written are not attacked again, and their stored counts enter the result."""
+    calls = []
+    real = evaluate.evaluate_batch
+    monkeypatch.setattr(evaluate, "evaluate_batch", lambda *a, **k: calls.append(real(*a, **k)) or calls[-1])
+    out = tmp_path / "e.json"
+    args = ["--arch", tiny_weights, "--dataset", "synthetic", "--attack", "pgd", "--steps", "2", "--n-samples", "24",
+            "--batch-size", "8", "--workers", "0", "--device", "cpu", "--out", str(out)]
+    evaluate.main(args)
+    assert len(calls) == 3
+    first = calls[:]
+    assert json.loads(out.read_text())["synthetic"]["clean"] == pytest.approx(100 * sum(c["clean"] for c in first) / 24)
+    out.unlink()  # as if interrupted after batch 0: its file is there, the results file is not
+    partial = tmp_path / "e.json.partial" / "synthetic"
+    partial.mkdir(parents=True)
+    (partial / "batch000000.json").write_text(json.dumps({"n": 8, "clean": 8, "robust": 0}))
+    calls.clear()
+    evaluate.main(args)
+    assert len(calls) == 2 and calls == first[1:]
+    row = json.loads(out.read_text())["synthetic"]
+    assert row["clean"] == pytest.approx(100 * (8 + first[1]["clean"] + first[2]["clean"]) / 24)
+    assert row["robust"] == pytest.approx(100 * (first[1]["robust"] + first[2]["robust"]) / 24)
+
+
+@pytest.mark.parametrize("script,args,message", [
+    ("train.py", ["--dataset", "no_such_set"], "unknown dataset 'no_such_set'"),
+    ("train.py", ["--dataset", "caltech101", "--arch", "{w}", "--data-root", "{tmp}"], "caltech-101"),
+    ("train.py", ["--eps", "abc"], "--eps"),
+    ("train.py", ["--arch", "{tmp}/missing.pt"], "not found"),
+    ("train.py", ["--arch", "{tmp}/corrupt.pt"], "neither a TorchScript archive nor a state_dict"),
+    ("evaluate.py", ["--checkpoint", "{tmp}/missing.pt"], "does not exist"),
+    ("evaluate.py", ["--checkpoint", "{tmp}/corrupt.pt"], "corrupt"),
+    ("evaluate.py", ["--method", "nap"], "needs --checkpoint"),
+    ("evaluate.py", ["--arch", "{w}", "--dataset", "{tmp}/no/such/tree"], "no folder"),
+    ("evaluate.py", ["--attack", "cw"], "invalid choice"),
+])
+def test_bad_input_is_one_clear_line(script, args, message, tiny_weights, tmp_path):
+    (tmp_path / "corrupt.pt").write_bytes(b"\x00 not a torch file")
+    args = [a.format(w=tiny_weights, tmp=tmp_path) for a in args]
+    r = cli(script, *args, "--device", "cpu", "--workers", "0", cwd=str(tmp_path))
+    assert r.returncode != 0
+    lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_existing_run_is_not_overwritten(tiny_weights, tmp_path):
+    out = tmp_path / "run"
+    train.main([*FAST, "--arch", tiny_weights, "--method", "advpt", "--epochs", "1", "--out", str(out)])
+    with pytest.raises(ValueError, match="pass --resume"):
+        train.main([*FAST, "--arch", tiny_weights, "--method", "advpt", "--epochs", "1", "--out", str(out)])
+    with pytest.raises(ValueError, match="other settings"):
+        train.main([*FAST, "--arch", tiny_weights, "--method", "nap", "--epochs", "2", "--out", str(out), "--resume"])
