@@ -163,19 +163,23 @@ def fgsm(model, x, y, eps):
     return _project(x0 + eps * g.sign(), x0, eps, "linf").to(x.dtype)
 
 
-def pgd(model, x, y, eps, alpha, steps, random_start=True, norm="linf", early_stop=True, seed=None, x_init=None):
+def pgd(model, x, y, eps, alpha, steps, random_start=True, norm="linf", early_stop=True, seed=None,
+        x_init=None):
     """PGD on the cross-entropy (Madry et al.): images (B, ...), labels (B,) -> x_adv (B, ...).
 
     early_stop=True (evaluation): a point counts as broken once the clean image or any iterate
     fools the model; it keeps that image and is attacked no further. early_stop=False (training):
     the plain fixed-step attack on every point, returning the last iterate. seed=None draws the
-    random start from torch's global RNG. x_init, if given, is the starting point instead (projected
-    onto the ball and box), e.g. a start drawn per image so that it does not depend on the batch."""
+    random start from torch's global RNG. x_init, if given, is the starting point instead
+    (projected onto the ball and box), e.g. a start drawn per image so that it does not depend
+    on the batch."""
     x0, y = _prepare(x, y, eps, norm)
     if x_init is not None:
         x_adv = _project(x_init.detach().to(x0.dtype), x0, eps, norm)
+    elif random_start:
+        x_adv = _random_start(x0, eps, norm, _generator(seed, x.device), False)
     else:
-        x_adv = _random_start(x0, eps, norm, _generator(seed, x.device), False) if random_start else x0
+        x_adv = x0
     if not early_stop:
         for _ in range(steps):
             _, g, _ = _loss_grad(model, x_adv, y, _ce)
@@ -184,6 +188,7 @@ def pgd(model, x, y, eps, alpha, steps, random_start=True, norm="linf", early_st
     out = x0.clone()
     i = (_predict(model, x0) == y).nonzero()[:, 0]
     x_nat, y, x_adv = x0[i], y[i], x_adv[i]
+    g = torch.zeros_like(x_adv)
     for step in range(steps + 1):
         if not len(i):
             break
@@ -193,11 +198,12 @@ def pgd(model, x, y, eps, alpha, steps, random_start=True, norm="linf", early_st
         else:
             _, g, z = _loss_grad(model, x_adv, y, _ce)
         fooled = z.argmax(1) != y
-        out[i[fooled]] = x_adv[fooled]
-        keep = ~fooled
-        i, x_nat, y, x_adv = i[keep], x_nat[keep], y[keep], x_adv[keep]
+        if fooled.any():
+            out[i[fooled]] = x_adv[fooled]
+            keep = ~fooled
+            i, x_nat, y, x_adv, g = i[keep], x_nat[keep], y[keep], x_adv[keep], g[keep]
         if step < steps:
-            x_adv = _project(x_adv + alpha * _direction(g[keep], norm), x_nat, eps, norm)
+            x_adv = _project(x_adv + alpha * _direction(g, norm), x_nat, eps, norm)
     out[i] = x_adv
     return out.to(x.dtype)
 

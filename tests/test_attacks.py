@@ -279,6 +279,19 @@ def test_first_fooling_iterate_is_kept_and_ends_the_attack(name):
         assert len(seen) == 3 and torch.equal(x_adv, seen[2])
 
 
+def test_pgd_starts_from_x_init_projected_onto_the_ball():
+    model, x = tiny_cnn(), images()
+    y = labels_mostly_right(model, x)
+    start = (x + 0.5 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
+    projected = torch.min(torch.max(start, x - EPS), x + EPS)
+    for early_stop in (False, True):
+        x_adv = A.pgd(model, x, y, EPS, EPS / 4, 0, early_stop=early_stop, x_init=start)
+        assert torch.allclose(x_adv[y == model(x).argmax(1)], projected[y == model(x).argmax(1)])
+    a = A.pgd(model, x, y, EPS, EPS / 4, 3, early_stop=False, x_init=start)
+    assert torch.equal(a, A.pgd(model, x, y, EPS, EPS / 4, 3, early_stop=False, x_init=start,
+                                seed=5))  # no random draw when the start is given
+
+
 def test_pgd_under_autocast_keeps_float32_and_leaves_parameter_grads_alone():
     model, x = tiny_cnn(), images()
     y = labels_mostly_right(model, x)
