@@ -139,7 +139,7 @@ def evaluate_dataset(name, dataset, backbone, ckpt, args, world, device, partial
     keys = sorted(set(totals) | {"n", "clean"} | ({"robust"} if args.attack != "none" else set()))
     if world.size > 1:
         keys = sorted(set().union(*all_gather(keys)))
-        summed = torch.tensor([totals.get(k, 0) for k in keys], dtype=torch.int64)
+        summed = torch.tensor([totals.get(k, 0) for k in keys], dtype=torch.int64, device=device)  # nccl: no CPU tensors
         torch.distributed.all_reduce(summed)
         totals = dict(zip(keys, summed.tolist()))
     n = totals["n"]
