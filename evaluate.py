@@ -152,6 +152,18 @@ def evaluate_dataset(name, dataset, backbone, ckpt, args, world, device, partial
     return result
 
 
+def open_partial(partial_dir: str, stamp: dict, world):
+    """Makes the folder of finished batches, first emptying it if a run with other settings (stamp) left it."""
+    marker = os.path.join(partial_dir, "settings.json")
+    if world.main:
+        if runtime.read_json(marker, stamp) != stamp:
+            shutil.rmtree(partial_dir)
+        os.makedirs(partial_dir, exist_ok=True)
+        runtime.write_json(stamp, marker)
+    if world.size > 1:
+        torch.distributed.barrier()
+
+
 def all_gather(obj) -> list:
     out = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(out, obj)
@@ -180,6 +192,7 @@ def main(argv=None):
         if done is not None and done.get("settings") == settings(args) and done.get("checkpoint") == args.checkpoint:
             continue  # finished earlier with the same settings
         partial_dir = f"{args.out}.partial/{os.path.basename(os.path.normpath(dataset))}"
+        open_partial(partial_dir, {**settings(args), "checkpoint": args.checkpoint, "arch": arch}, world)
         result = evaluate_dataset(dataset, datasets[dataset], backbone, ckpt, args, world, device, partial_dir)
         result.update(checkpoint=args.checkpoint, arch=arch)
         if world.main:
