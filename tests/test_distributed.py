@@ -124,14 +124,34 @@ def test_killed_sharded_evaluation_resumes_with_one_process(tiny_weights, pgd_re
     out = tmp_path / "e.json"
     partial = tmp_path / "e.json.partial" / "synthetic"
     proc = torchrun("evaluate.py", *PGD, "--arch", tiny_weights, "--out", str(out), log=tmp_path / "log")
-    kill_when(proc, lambda: partial.is_dir() and any(p.suffix == ".json" for p in partial.iterdir()), "finished batch")
-    kept = len([p for p in partial.iterdir() if p.suffix == ".json"])
+    kill_when(proc, lambda: any(partial.glob("batch*.json")), "finished batch")
+    kept = len(list(partial.glob("batch*.json")))
     assert 1 <= kept < BATCHES and not out.exists(), (tmp_path / "log").read_text()
     calls = []
     real = evaluate.evaluate_batch
     monkeypatch.setattr(evaluate, "evaluate_batch", lambda *a, **k: calls.append(1) or real(*a, **k))
     evaluate.main([*PGD, "--arch", tiny_weights, "--out", str(out)])
     assert len(calls) == BATCHES - kept + BATCHES  # the rest of synthetic, all of synthetic-colour
+    assert rows(json.loads(out.read_text())) == rows(pgd_reference)
+
+
+def test_batches_of_an_interrupted_run_with_other_settings_are_not_counted(tiny_weights, pgd_reference, tmp_path,
+                                                                            monkeypatch):
+    """Stopped after 3 batches at --eps 128/255, then run at the reference settings: the reference numbers."""
+    out, real, done = tmp_path / "e.json", evaluate.evaluate_batch, []
+
+    def stop_after_three(*args, **kwargs):
+        if len(done) == 3:
+            raise KeyboardInterrupt
+        done.append(real(*args, **kwargs))
+        return done[-1]
+
+    monkeypatch.setattr(evaluate, "evaluate_batch", stop_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.main([*PGD, "--arch", tiny_weights, "--eps", "128/255", "--out", str(out)])
+    assert len(list((tmp_path / "e.json.partial" / "synthetic").glob("batch*.json"))) == 3
+    monkeypatch.setattr(evaluate, "evaluate_batch", real)
+    evaluate.main([*PGD, "--arch", tiny_weights, "--out", str(out)])
     assert rows(json.loads(out.read_text())) == rows(pgd_reference)
 
 
