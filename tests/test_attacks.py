@@ -87,6 +87,17 @@ def test_invariants(name, dtype):
         assert wrong_after.sum() > wrong_before.sum()  # a random net at 8/255 breaks somewhere
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ATTACKS)
+def test_invariants_on_cuda(name):
+    attack, norm = ATTACKS[name]
+    model, x = tiny_cnn().cuda(), images().cuda()
+    y = labels_mostly_right(model, x)
+    x_adv = attack(model, x, y, EPS)
+    assert x_adv.device == x.device and x_adv.dtype == x.dtype and x_adv.shape == x.shape
+    assert x_adv.min() >= 0 and x_adv.max() <= 1 and within_ball(x_adv, x, EPS, norm)
+
+
 # ----------------------------------------------------------------------------- linear models
 
 def linear_model(norm="linf", n=60, seed=0, scale=10.0):
