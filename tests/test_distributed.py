@@ -26,8 +26,8 @@ TRAIN = ["--dataset", "synthetic", "--method", "nap", "--depth", "2", "--shots",
 BATCHES = 13  # per dataset: 12 of 7 images and one of 6
 # PGD whose steps are too small to matter next to its random start, so a batch attacked with another seed
 # than (seed + batch index) changes the counts
-PGD = ["--dataset", "synthetic", "synthetic-colour", "--attack", "pgd", "--eps", "32/255", "--alpha", "0.01/255", "--steps", "2",
-       "--n-samples", "90", "--batch-size", "7", "--seed", "3", "--workers", "0", "--device", "cpu"]
+PGD = ["--dataset", "synthetic", "synthetic-colour", "--attack", "pgd", "--eps", "32/255", "--alpha", "0.01/255",
+       "--steps", "2", "--n-samples", "90", "--batch-size", "7", "--seed", "3", "--workers", "0", "--device", "cpu"]
 AUTOATTACK = ["--dataset", "synthetic", "--attack", "autoattack", "--eps", "4/255", "--steps", "2", "--queries", "20",
               "--n-samples", "16", "--batch-size", "8", "--workers", "0", "--device", "cpu"]
 
@@ -63,9 +63,11 @@ def torchrun(script, *args, nproc=2, log=None):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(port), os.path.join(ROOT, script), *args]
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    out = open(log, "w") if log else subprocess.PIPE
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    if log is None:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+    with open(log, "w") as out:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def finish(proc) -> str:
@@ -159,7 +161,7 @@ def test_batches_of_an_interrupted_run_with_other_settings_are_not_counted(tiny_
 
 @pytest.fixture(scope="module")
 def one_process(tiny_weights, tmp_path_factory):
-    """The trainable tensors after EPOCHS epochs in one process with global batch 8."""
+    """The checkpoint after EPOCHS epochs in one process with global batch 8."""
     out = tmp_path_factory.mktemp("train1")
     train.main([*TRAIN, "--arch", tiny_weights, "--epochs", str(EPOCHS), "--out", str(out)])
     return nap.load_checkpoint(str(out / "checkpoint.pt"))
@@ -172,7 +174,8 @@ def max_difference(a: dict, b: dict) -> float:
 
 def test_two_process_training_equals_one_process(tiny_weights, one_process, tmp_path):
     """--batch-size is global: 2 x 4 images per step under DDP == 8 in one process, != 16 in one process."""
-    finish(torchrun("train.py", *TRAIN, "--arch", tiny_weights, "--epochs", str(EPOCHS), "--out", str(tmp_path / "two")))
+    finish(torchrun("train.py", *TRAIN, "--arch", tiny_weights, "--epochs", str(EPOCHS),
+                    "--out", str(tmp_path / "two")))
     two = nap.load_checkpoint(str(tmp_path / "two" / "checkpoint.pt"))
     assert two["epoch"] == EPOCHS - 1 and max_difference(two["trainable"], one_process["trainable"]) < 1e-4
     for a, b in zip(two["history"], one_process["history"]):
