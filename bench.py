@@ -61,18 +61,20 @@ def full_batch_steps(model, x, y, eps, steps):
     return x
 
 
-def _timed(fn, repeats):
-    """(best wall time of `repeats` calls of fn(), the last result)."""
-    best = float("inf")
+def _timed(fns, repeats):
+    """[(best wall time of `repeats` calls of fn(), its last result) for fn in fns], the calls
+    taken in turns so that a change in machine load hits every fn alike."""
+    best, results = [float("inf")] * len(fns), [None] * len(fns)
     for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, result
+        for k, fn in enumerate(fns):
+            start = time.perf_counter()
+            results[k] = fn()
+            best[k] = min(best[k], time.perf_counter() - start)
+    return list(zip(best, results))
 
 
 def bench_attack_step(batch=128, size=32, steps=100, eps_list=("1/255", "8/255", "16/255"),
-                      repeats=3, device="cpu"):
+                      repeats=5, device="cpu"):
     """Milliseconds per attack step (total time / steps) of attacks.pgd and attacks.apgd
     against straightforward versions of the same attack, on a small trained CNN. The default
     eps break none, some and all of the points, from pure overhead to the most saving."""
@@ -98,7 +100,7 @@ def bench_attack_step(batch=128, size=32, steps=100, eps_list=("1/255", "8/255",
                 lambda: full_batch_steps(net, x, y, eps, steps)),
         }
         for name, (ours, naive) in runs.items():
-            (t_ours, x_adv), (t_naive, _) = _timed(ours, repeats), _timed(naive, repeats)
+            (t_ours, x_adv), (t_naive, _) = _timed([ours, naive], repeats)
             with torch.no_grad():
                 robust = (net(x_adv).argmax(1) == y).float().mean().item()
             rows.append((eps_text, name, 1e3 * t_ours / steps, 1e3 * t_naive / steps,
