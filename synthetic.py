@@ -21,7 +21,7 @@ COLOURS = {"red": (0.85, 0.1, 0.1), "orange": (0.95, 0.5, 0.05), "yellow": (0.9,
            "green": (0.1, 0.7, 0.15), "cyan": (0.1, 0.8, 0.85), "blue": (0.1, 0.2, 0.9),
            "purple": (0.55, 0.15, 0.75), "pink": (0.95, 0.45, 0.7)}
 TEXTURES = ["plain", "striped", "dotted", "checkered"]
-SIZES = {"small": (6.0, 7.5), "medium": (8.5, 10.0), "large": (11.5, 13.5)}   # radius, px at 64
+SIZES = {"small": (8.0, 9.5), "medium": (10.5, 12.0), "large": (13.0, 14.5)}   # radius, px at 64
 POSITIONS = {"top left": "in the top left", "top": "at the top", "top right": "in the top right",
              "left": "on the left", "center": "in the center", "right": "on the right",
              "bottom left": "in the bottom left", "bottom": "at the bottom",
@@ -121,7 +121,7 @@ def render(attrs, res, rng):
     img = rng.uniform(0.25, 0.75) + 0.12 * field.mean(-1, keepdims=True) + 0.04 * field
     # object
     row, col = divmod(list(POSITIONS).index(attrs["position"]), 3)
-    cy, cx = (np.array([row, col]) * 0.28 + 0.22) * 64 + rng.uniform(-2.5, 2.5, 2)
+    cy, cx = (np.array([row, col]) + 1) * 16 + rng.uniform(-2, 2, 2)   # on patch corners
     r = rng.uniform(*SIZES[attrs["size"]])
     a = rng.uniform(-0.25, 0.25)
     dx, dy = (x - cx) / r, (cy - y) / r

@@ -73,7 +73,7 @@ def test_object_is_drawn_where_its_position_says():
         x = pixels(image).astype(float) / 255
         saturated = x.max(-1) - x.min(-1) > 0.3
         rows, cols = np.nonzero(saturated)
-        centres = 0.22 + 0.28 * np.arange(3)
+        centres = 0.25 + 0.25 * np.arange(3)
         nearest = np.abs(centres - rows.mean() / 64).argmin(), np.abs(centres - cols.mean() / 64).argmin()
         assert nearest == divmod(label, 3), data.attributes(i)
 
