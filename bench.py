@@ -1,18 +1,55 @@
-"""Speed figures, printed as markdown tables: one bench_* function per measurement, main() runs
-them. Now: time per attack step of attacks.py against straightforward implementations.
+"""Speed and memory figures, printed as markdown tables; one bench_* function per measurement:
 
-    python bench.py            # full run (CPU, a few minutes)
-    python bench.py --quick    # smoke run (seconds)
+  attack  time per attack step of attacks.py against straightforward PGD/APGD (a small CNN)
+  eval    PGD evaluation of a prompted CLIP at 10/100/1000 classes: ours (text features once per
+          dataset, broken points dropped) against the peers' computation (the text encoder run
+          inside every forward, every point attacked every step)
+  train   one training step, PGD-2 + update: ours (text features once per step) against the peers'
+  text    one text-encoder pass per class count: what the peers pay at every forward
+  flops   FLOPs of the image attack step, analytic and counted; MFU; the projected wall time of
+          the paper's PGD-100 protocol
+
+    python bench.py --quick       # tiny CLIP on the CPU (one thread), under 2 minutes
+    python bench.py               # ViT-B/16-sized CLIP (random weights: same speed) on the GPU, bf16
+    python bench.py --compile     # ours through torch.compile
+
+Times are the best of --repeats runs taken in turns (CUDA: each run between synchronizes).
+Memory is torch.cuda.max_memory_allocated on CUDA; on the CPU, a proxy: the peak bytes of the
+tensors autograd keeps for backward (activations, weights excluded).
 """
 import argparse
+import datetime
+import os
+import platform
+import sys
 import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 import attacks
+import nap
+import runtime
+from clip.model import CLIP
 
+# CLIP(embed_dim, image_resolution, vision_layers, vision_width, vision_patch_size, context_length,
+#      vocab_size, transformer_width, transformer_heads, transformer_layers)
+ARCHS = {"vit-b/16": (512, 224, 12, 768, 16, 77, 49408, 512, 8, 12),
+         "tiny": (64, 64, 4, 128, 16, 77, 49408, 64, 1, 2)}
+
+# The paper's PGD-100 protocol: test images and classes of ImageNet and the 9 transfer datasets (CoOp splits)
+PROTOCOL = {"imagenet": (50000, 1000), "caltech101": (2465, 100), "dtd": (1692, 47), "eurosat": (8100, 10),
+            "oxford_pets": (3669, 37), "fgvc_aircraft": (3333, 100), "food101": (30300, 101),
+            "stanford_cars": (8041, 196), "sun397": (19850, 397), "ucf101": (3783, 101)}
+
+# Dense bf16 peak of the GPUs this may run on, TFLOP/s (H100/H200 SXM; PCIe H100: 756)
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+# ---------------------------------------------------------------------- attack steps on a small CNN
 
 def small_cnn(size, seed=0):
     """A small conv net, (B, 3, size, size) images in [0,1] -> 10 logits, trained for about a
@@ -61,14 +98,23 @@ def full_batch_steps(model, x, y, eps, steps):
     return x
 
 
-def _timed(fns, repeats):
+def _sync(device):
+    """Waits for the device's queued work (CUDA); nothing on the CPU."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fns, repeats, device="cpu"):
     """[(best wall time of `repeats` calls of fn(), its last result) for fn in fns], the calls
-    taken in turns so that a change in machine load hits every fn alike."""
+    taken in turns so that a change in machine load hits every fn alike; on CUDA each call is
+    bracketed by synchronize, so the time is the device's."""
     best, results = [float("inf")] * len(fns), [None] * len(fns)
     for _ in range(repeats):
         for k, fn in enumerate(fns):
+            _sync(device)
             start = time.perf_counter()
             results[k] = fn()
+            _sync(device)
             best[k] = min(best[k], time.perf_counter() - start)
     return list(zip(best, results))
 
@@ -100,7 +146,7 @@ def bench_attack_step(batch=128, size=32, steps=100, eps_list=("1/255", "8/255",
                 lambda: full_batch_steps(net, x, y, eps, steps)),
         }
         for name, (ours, naive) in runs.items():
-            (t_ours, x_adv), (t_naive, _) = _timed([ours, naive], repeats)
+            (t_ours, x_adv), (t_naive, _) = _timed([ours, naive], repeats, device)
             with torch.no_grad():
                 robust = (net(x_adv).argmax(1) == y).float().mean().item()
             rows.append((eps_text, name, 1e3 * t_ours / steps, 1e3 * t_naive / steps,
@@ -116,18 +162,408 @@ def bench_attack_step(batch=128, size=32, steps=100, eps_list=("1/255", "8/255",
     return rows
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="small sizes, one repeat (smoke test)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.quick:
-        bench_attack_step(batch=16, size=16, steps=10, repeats=1, device=args.device)
+# ---------------------------------------------------------------------- prompted CLIP: ours and the peers'
+
+def random_clip(arch, device, seed=0):
+    """A CLIP of size `arch` (ARCHS) with random weights, frozen, on device; as fast as a trained one."""
+    torch.manual_seed(seed)
+    return CLIP(*ARCHS[arch]).to(device).requires_grad_(False).eval()
+
+
+def prompted(backbone, n_classes, seed=0):
+    """NAP-Tuning (preset 'nap', depth capped at the backbone's layers) over n_classes names 'class 0', ..."""
+    depth = min(nap.PRESETS["nap"].depth, backbone.transformer.layers, backbone.visual.transformer.layers)
+    torch.manual_seed(seed)
+    model = nap.PromptedCLIP(backbone, [f"class {i}" for i in range(n_classes)], nap.make_config("nap", depth=depth))
+    return model.to(backbone.logit_scale.device).eval()
+
+
+def _autocast(fn, device, precision):
+    """fn under runtime.autocast, logits returned in float32 (as evaluate.py runs them)."""
+    def run(images):
+        with runtime.autocast(device, precision):
+            return fn(images).float()
+    return run
+
+
+def peers_logits(model, device, precision):
+    """The peers' classifier, images [B,3,R,R] -> logits [B,C]: model.forward, the text encoder run at every call."""
+    return _autocast(model, device, precision)
+
+
+def our_logits(model, device, precision, compile=False):
+    """Ours, images [B,3,R,R] -> logits [B,C]: text features computed once, now; torch.compile'd if asked."""
+    with runtime.autocast(device, precision):
+        cached = model.logits_fn()
+    fn = _autocast(cached, device, precision)
+    return torch.compile(fn) if compile else fn
+
+
+def peers_train_loss(model, x, y, start, eps, alpha, steps):
+    """The peers' adversarial loss: PGD from `start` against model.forward, then CE of model(x_adv): a scalar."""
+    x_adv = attacks.pgd(model, x, y, eps, alpha, steps, random_start=False, early_stop=False, x_init=start)
+    return F.cross_entropy(model(x_adv).float(), y)
+
+
+def our_train_loss(model, x, y, start, eps, alpha, steps):
+    """Ours (train.AdversarialStep, loss 'adv'): text features once with their graph; PGD reuses them detached."""
+    text = model.text_features()
+    x_adv = attacks.pgd(lambda images: model.logits(images, text.detach()), x, y, eps, alpha, steps,
+                        random_start=False, early_stop=False, x_init=start)
+    return F.cross_entropy(model.logits(x_adv, text).float(), y)
+
+
+def train_step(loss_fn, model, optimizer, batch, eps, alpha, steps, device, precision):
+    """One update of the prompts and refiners on loss_fn(model, *batch, eps, alpha, steps); returns the loss."""
+    with runtime.autocast(device, precision):
+        loss = loss_fn(model, *batch, eps, alpha, steps)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+# ---------------------------------------------------------------------- memory
+
+class _Held:
+    """A tensor autograd keeps for backward; tells its _SavedBytes when autograd lets go of it."""
+
+    def __init__(self, tensor, owner, key, nbytes):
+        self.tensor, self.owner, self.key, self.nbytes = tensor, owner, key, nbytes
+
+    def __del__(self):
+        self.owner.release(self.key, self.nbytes)
+
+
+class _SavedBytes:
+    """saved_tensors_hooks bookkeeping: bytes of the storages autograd holds now, and their peak."""
+
+    def __init__(self, exclude):
+        self.exclude = {t.untyped_storage().data_ptr() for t in exclude}
+        self.refs, self.now, self.peak = {}, 0, 0
+
+    def pack(self, t):
+        storage = t.untyped_storage()
+        key, nbytes = storage.data_ptr(), storage.nbytes()
+        if key in self.exclude:
+            return t
+        if key not in self.refs:
+            self.refs[key], self.now = 0, self.now + nbytes
+            self.peak = max(self.peak, self.now)
+        self.refs[key] += 1
+        return _Held(t, self, key, nbytes)
+
+    def unpack(self, held):
+        return held.tensor if isinstance(held, _Held) else held
+
+    def release(self, key, nbytes):
+        self.refs[key] -= 1
+        if not self.refs[key]:
+            del self.refs[key]
+            self.now -= nbytes
+
+
+def peak_memory(fn, device, model):
+    """Peak bytes while fn() runs: torch.cuda.max_memory_allocated on CUDA (weights included); on the CPU
+    the peak of the tensors autograd keeps for backward, each storage once, model's weights excluded."""
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        _sync(device)
+        return torch.cuda.max_memory_allocated(device)
+    saved = _SavedBytes([*model.parameters(), *model.buffers()])
+    with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+        fn()
+    return saved.peak
+
+
+# ---------------------------------------------------------------------- FLOPs
+
+def image_flops(model, batch=1):
+    """Matmul FLOPs (2 per multiply-add) of one attack step of model.logits on `batch` images with cached
+    text features: (forward, backward to the input). Counted: the patch-embedding conv, per block the
+    qkv / output / MLP projections and the two attention products over all tokens (CLS, patches,
+    prompts), the refiners on the non-prompt tokens, the head, the logits, and once per call the
+    text-to-visual prompt projections. Not counted: norms, softmax, activations, additions (<1%).
+    Backward: no weight gradients are needed, so each projection costs its forward once more (the
+    gradient of its input); the attention products twice (gradients of both operands); the prompt
+    projections nothing (they do not depend on the image)."""
+    visual, cfg = model.clip.visual, model.cfg
+    d, patch = visual.conv1.out_channels, visual.conv1.kernel_size[0]
+    patches, layers, embed = visual.positional_embedding.shape[0] - 1, visual.transformer.layers, visual.proj.shape[1]
+    tokens = patches + 1 + cfg.vision_ctx
+    linear = patches * 3 * patch ** 2 * d + layers * tokens * 12 * d * d + d * embed + embed * len(model.classnames)
+    if cfg.refine in ("vision", "both"):
+        hidden = int(round(cfg.refiner_hidden * d))
+        linear += (cfg.depth - 1) * (tokens - cfg.vision_ctx) * 2 * d * hidden
+    attention = layers * 2 * tokens * tokens * d
+    prompt_proj = cfg.depth * cfg.text_ctx * model.widths["text"] * d if hasattr(model, "proj") else 0
+    return 2 * (batch * (linear + attention) + prompt_proj), 2 * batch * (linear + 2 * attention)
+
+
+def text_flops(model):
+    """Matmul FLOPs of one text-encoder forward over all the model's classes (attention counted dense,
+    as the peers' kernels compute it; a causal kernel may skip up to half of those products)."""
+    text, cfg = model.clip.transformer, model.cfg
+    d, length, embed = text.width, model.clip.context_length, model.clip.text_projection.shape[1]
+    per_class = text.layers * (length * 12 * d * d + 2 * length * length * d) + d * embed
+    if cfg.refine in ("text", "both"):
+        per_class += (cfg.depth - 1) * (length - cfg.text_ctx) * 2 * d * int(round(cfg.refiner_hidden * d))
+    return 2 * len(model.classnames) * per_class
+
+
+def counted_flops(fn):
+    """FLOPs torch.utils.flop_counter counts while fn() runs, attention in its plain (math) form so that
+    every product is seen: an int."""
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def attack_step_counted(model, batch, device):
+    """(forward, backward) FLOPs counted for one attack step of model.logits_fn() on `batch` random images."""
+    fn = model.logits_fn()
+    x = torch.rand(batch, 3, model.clip.visual.input_resolution, model.clip.visual.input_resolution, device=device)
+    y = torch.zeros(batch, dtype=torch.long, device=device)
+    with torch.no_grad():
+        forward = counted_flops(lambda: fn(x))
+    x.requires_grad_(True)
+    total = counted_flops(lambda: torch.autograd.grad(F.cross_entropy(fn(x), y), x))
+    return forward, total - forward
+
+
+# ---------------------------------------------------------------------- the prompted-CLIP benches
+
+def _images(model, batch, device, seed=0):
+    res = model.clip.visual.input_resolution
+    return torch.rand(batch, 3, res, res, generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+def bench_eval(backbone, classes, batch, steps, eps, device, precision, repeats, compile=False):
+    """PGD-`steps` evaluation (step size eps) on one batch, per class count: the peers' computation
+    (naive_pgd on model.forward) against ours without and with early stopping. Returns one dict per
+    class count; every point starts correctly classified (labels = our clean predictions)."""
+    rows = []
+    for n in classes:
+        model = prompted(backbone, n)
+        x = _images(model, batch, device)
+        (t_text, ours), = _timed([lambda: our_logits(model, device, precision, compile)], 1, device)
+        peers = peers_logits(model, device, precision)
+        with torch.no_grad():
+            y = ours(x).argmax(1)
+        grad_images = [0]
+
+        def counted(images):  # ours, counting the images that take a gradient step
+            grad_images[0] += len(images) if torch.is_grad_enabled() else 0
+            return ours(images)
+
+        runs = [lambda: naive_pgd(peers, x, y, eps, eps, steps),
+                lambda: attacks.pgd(ours, x, y, eps, eps, steps, early_stop=False, seed=0),
+                lambda: attacks.pgd(counted, x, y, eps, eps, steps, seed=0)]
+        (t_peers, _), (t_full, _), (t_ours, x_adv) = _timed(runs, repeats, device)
+        with torch.no_grad():
+            robust = (ours(x_adv).argmax(1) == y).float().mean().item()
+        memory = [peak_memory(lambda: naive_pgd(peers, x, y, eps, eps, 1), device, model),
+                  peak_memory(lambda: attacks.pgd(ours, x, y, eps, eps, 1, early_stop=False), device, model)]
+        rows.append(dict(classes=n, batch=batch, steps=steps, text_s=t_text, peers_s=t_peers, full_s=t_full,
+                         ours_s=t_ours, work=grad_images[0] / (repeats * batch * steps), robust=100 * robust,
+                         peers_mem=memory[0], ours_mem=memory[1]))
+        del model, ours, peers
+    return rows
+
+
+def bench_train(backbone, classes, batch, steps, eps, device, precision, repeats):
+    """Seconds per training step (PGD-`steps` from a random start + one SGD update of prompts and refiners)
+    per class count, the peers' loss against ours; one dict per class count."""
+    rows = []
+    for n in classes:
+        model = prompted(backbone, n).train()
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-6, momentum=0.9)
+        x = _images(model, batch, device)
+        y = torch.arange(batch, device=device) % n
+        start = (x + eps * (2 * _images(model, batch, device, seed=1) - 1)).clamp(0, 1)
+        step = {name: (lambda fn=fn: train_step(fn, model, optimizer, (x, y, start), eps, eps, steps, device, precision))
+                for name, fn in (("peers", peers_train_loss), ("ours", our_train_loss))}
+        (t_peers, _), (t_ours, _) = _timed([step["peers"], step["ours"]], repeats, device)
+        rows.append(dict(classes=n, batch=batch, steps=steps, peers_s=t_peers, ours_s=t_ours,
+                         peers_mem=peak_memory(step["peers"], device, model),
+                         ours_mem=peak_memory(step["ours"], device, model)))
+        del model, optimizer
+    return rows
+
+
+def bench_text(backbone, classes, device, precision, repeats):
+    """Seconds of one text-encoder forward (no graph) per class count, with its FLOPs; one dict per count."""
+    rows = []
+    for n in classes:
+        model = prompted(backbone, n)
+
+        def encode():
+            with torch.no_grad(), runtime.autocast(device, precision):
+                return model.text_features()
+        (seconds, _), = _timed([encode], repeats, device)
+        rows.append(dict(classes=n, seconds=seconds, flops=text_flops(model)))
+        del model
+    return rows
+
+
+def protocol_seconds(image_steps_per_s, text_s_per_class, step_flops, forward_flops, steps=100, work=1.0):
+    """Projected seconds of PGD-`steps` on PROTOCOL: sum_d N_d (work * steps + 4 f) / R + sum_d C_d t_c, where
+    R = image-steps per second, f = forward / (forward + backward) FLOPs (4 forward-only passes per image:
+    the clean prediction, PGD's first and last, the robust count), t_c = text-encoder seconds per class."""
+    per_image = work * steps + 4 * forward_flops / step_flops
+    return sum(n * per_image / image_steps_per_s + c * text_s_per_class for n, c in PROTOCOL.values())
+
+
+# ---------------------------------------------------------------------- reports
+
+def _mib(nbytes):
+    return f"{nbytes / 2 ** 20:,.0f}"
+
+
+def _duration(seconds):
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
+
+
+def report_eval(rows, eps_text, memory_label):
+    print(f"\nEvaluation, PGD-{rows[0]['steps']} at eps {eps_text} (step eps), batch {rows[0]['batch']}; "
+          "throughput in images x steps per second. peers: text encoder in every forward, every point every "
+          "step (naive_pgd); ours-full: cached text features, attacks.pgd(early_stop=False); ours: cached + "
+          "broken points dropped. text: our once-per-dataset text-feature pass (not in the times). "
+          "work: fraction of image-steps ours spent.\n")
+    print(f"| classes | text s | peers img*step/s | ours-full img*step/s | ours img*step/s | cache speed-up | "
+          f"total speed-up | early-stop gain | work | robust % | {memory_label} peers | {memory_label} ours |")
+    print("|---:" * 12 + "|")
+    for r in rows:
+        rate = lambda t: r["batch"] * r["steps"] / t
+        print(f"| {r['classes']} | {r['text_s']:.3f} | {rate(r['peers_s']):,.1f} | {rate(r['full_s']):,.1f} | "
+              f"{rate(r['ours_s']):,.1f} | {r['peers_s'] / r['full_s']:.2f}x | {r['peers_s'] / r['ours_s']:.2f}x | "
+              f"{r['full_s'] / r['ours_s']:.2f}x | {r['work']:.2f} | {r['robust']:.1f} | "
+              f"{_mib(r['peers_mem'])} | {_mib(r['ours_mem'])} |")
+
+
+def report_train(rows, memory_label):
+    print(f"\nTraining step, PGD-{rows[0]['steps']} + SGD update, batch {rows[0]['batch']}. peers: text encoder in "
+          "every forward; ours: text features once per step (train.AdversarialStep).\n")
+    print(f"| classes | peers s/step | ours s/step | peers img/s | ours img/s | speed-up | "
+          f"{memory_label} peers | {memory_label} ours |")
+    print("|---:" * 8 + "|")
+    for r in rows:
+        print(f"| {r['classes']} | {r['peers_s']:.3f} | {r['ours_s']:.3f} | {r['batch'] / r['peers_s']:,.1f} | "
+              f"{r['batch'] / r['ours_s']:,.1f} | {r['peers_s'] / r['ours_s']:.2f}x | "
+              f"{_mib(r['peers_mem'])} | {_mib(r['ours_mem'])} |")
+
+
+def report_text(rows):
+    print("\nOne text-encoder forward (no graph): what the peers add to every attack forward.\n")
+    print("| classes | seconds | GFLOP | achieved GFLOP/s |")
+    print("|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['classes']} | {r['seconds']:.3f} | {r['flops'] / 1e9:,.1f} | {r['flops'] / 1e9 / r['seconds']:,.1f} |")
+
+
+def report_flops(model, counted, eval_row, peak_tflops):
+    """The analytic FLOPs with the counted check, MFU of ours-full, and the projected PGD-100 protocol."""
+    forward, backward = image_flops(model, batch=1)
+    step = forward + backward
+    print(f"\nFLOPs of one attack step per image ({len(model.classnames)} classes, {model.cfg.vision_ctx} visual "
+          f"prompts, depth {model.cfg.depth}): analytic, and counted by FlopCounterMode (math attention) at batch "
+          f"{counted['batch']}.\n")
+    print("| | forward GFLOP | backward-to-input GFLOP | total GFLOP |")
+    print("|---|---:|---:|---:|")
+    print(f"| analytic | {forward / 1e9:.4f} | {backward / 1e9:.4f} | {step / 1e9:.4f} |")
+    fwd_c, bwd_c, b = counted["forward"], counted["backward"], counted["batch"]
+    fwd_a, bwd_a = image_flops(model, batch=b)
+    print(f"| counted / analytic at batch {b} | {fwd_c / fwd_a:.4f} | {bwd_c / bwd_a:.4f} | "
+          f"{(fwd_c + bwd_c) / (fwd_a + bwd_a):.4f} |")
+    if eval_row is None:
+        return
+    rate = eval_row["batch"] * eval_row["steps"] / eval_row["full_s"]  # image-steps per second, ours-full
+    achieved = rate * step
+    mfu = f", MFU {100 * achieved / (peak_tflops * 1e12):.1f}% of {peak_tflops:g} TFLOP/s" if peak_tflops else ""
+    print(f"\nAttack step (ours-full, {eval_row['classes']} classes, batch {eval_row['batch']}): {rate:,.2f} "
+          f"image-steps/s x {step / 1e9:.2f} GFLOP = {achieved / 1e12:.4f} TFLOP/s{mfu}.")
+    text_per_class = eval_row["text_s"] / eval_row["classes"]
+    upper = protocol_seconds(rate, text_per_class, step, forward)
+    at_work = protocol_seconds(rate, text_per_class, step, forward, work=eval_row["work"])
+    images = sum(n for n, _ in PROTOCOL.values())
+    print(f"Paper's PGD-100 protocol ({images:,} test images, 10 datasets) at this rate: at most "
+          f"{_duration(upper)} (every image all 100 steps); {_duration(at_work)} at the work fraction "
+          f"measured here ({eval_row['work']:.2f}, random weights).")
+
+
+def machine(device):
+    """One line naming the device, torch, threads, date and the machine's load (other processes slow CPU figures)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
     else:
-        bench_attack_step(device=args.device)
+        name = f"{platform.machine()} CPU ({os.cpu_count()} cores), {torch.get_num_threads()} threads"
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    return f"{name}; torch {torch.__version__}; {datetime.date.today().isoformat()}; load average {load}"
+
+
+def default_peak(device):
+    """Dense bf16 peak TFLOP/s of this GPU from PEAK_TFLOPS, or None (CPU, unknown GPU)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def main():
+    benches = ("attack", "eval", "train", "text", "flops")
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny CLIP, small batches, one repeat (CPU, < 2 min)")
+    p.add_argument("--bench", nargs="+", default=list(benches), choices=benches, help="which figures")
+    p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:N")
+    p.add_argument("--precision", default=None, choices=list(runtime.DTYPES), help="default: bf16 on CUDA, else fp32")
+    p.add_argument("--arch", default=None, choices=list(ARCHS), help="default: vit-b/16; tiny with --quick")
+    p.add_argument("--classes", type=int, nargs="+", default=[10, 100, 1000])
+    p.add_argument("--eval-batch", type=int, default=None, help="default 256; 16 with --quick")
+    p.add_argument("--eval-steps", type=int, default=None, help="default 10; 3 with --quick")
+    p.add_argument("--train-batch", type=int, default=32)
+    p.add_argument("--train-steps", type=int, default=2)
+    p.add_argument("--eps", default="1/255")
+    p.add_argument("--repeats", type=int, default=None, help="default 3; 1 with --quick")
+    p.add_argument("--compile", action="store_true", help="ours' logits function through torch.compile")
+    p.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak (default: by name)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's; 1 with --quick, "
+                                                             "steady when other processes share the cores)")
+    args = p.parse_args()
+    if args.threads or args.quick:
+        torch.set_num_threads(args.threads or 1)
+    device = runtime.resolve_device(args.device)
+    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    arch = args.arch or ("tiny" if args.quick else "vit-b/16")
+    pick = lambda value, quick, full: value if value is not None else (quick if args.quick else full)
+    eval_batch, eval_steps = pick(args.eval_batch, 16, 256), pick(args.eval_steps, 3, 10)
+    repeats, eps = pick(args.repeats, 1, 3), attacks.parse_eps(args.eps)
+    memory_label = "peak MiB" if device.type == "cuda" else "saved MiB"
+    print(f"`python {' '.join(sys.argv)}`: {machine(device)}; {arch} CLIP, nap preset, {precision}"
+          + (", compiled" if args.compile else ""))
+
+    if "attack" in args.bench:
+        if args.quick:
+            bench_attack_step(batch=16, size=16, steps=10, repeats=1, device=device)
+        else:
+            bench_attack_step(device=device)
+    backbone = random_clip(arch, device)
+    eval_rows = None
+    if "eval" in args.bench:
+        eval_rows = bench_eval(backbone, args.classes, eval_batch, eval_steps, eps, device, precision, repeats,
+                               args.compile)
+        report_eval(eval_rows, args.eps, memory_label)
+    if "train" in args.bench:
+        report_train(bench_train(backbone, args.classes, args.train_batch, args.train_steps, eps, device, precision,
+                                 repeats), memory_label)
+    if "text" in args.bench:
+        report_text(bench_text(backbone, args.classes, device, precision, repeats))
+    if "flops" in args.bench:
+        model = prompted(backbone, max(args.classes))
+        forward, backward = attack_step_counted(model, 2, device)
+        report_flops(model, dict(batch=2, forward=forward, backward=backward),
+                     eval_rows[-1] if eval_rows else None, args.peak_tflops or default_peak(device))
 
 
 if __name__ == "__main__":
