@@ -33,7 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import attacks
 import nap
 import runtime
-from clip.model import CLIP
+from clip.model import CLIP, convert_weights
 
 # CLIP(embed_dim, image_resolution, vision_layers, vision_width, vision_patch_size, context_length,
 #      vocab_size, transformer_width, transformer_heads, transformer_layers)
@@ -45,8 +45,8 @@ PROTOCOL = {"imagenet": (50000, 1000), "caltech101": (2465, 100), "dtd": (1692, 
             "oxford_pets": (3669, 37), "fgvc_aircraft": (3333, 100), "food101": (30300, 101),
             "stanford_cars": (8041, 196), "sun397": (19850, 397), "ucf101": (3783, 101)}
 
-# Dense bf16 peak of the GPUs this may run on, TFLOP/s (H100/H200 SXM; PCIe H100: 756)
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+# Dense bf16 peak TFLOP/s of the GPUs this may run on, by a part of the device name (first match wins)
+PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
 # ---------------------------------------------------------------------- attack steps on a small CNN
@@ -164,10 +164,14 @@ def bench_attack_step(batch=128, size=32, steps=100, eps_list=("1/255", "8/255",
 
 # ---------------------------------------------------------------------- prompted CLIP: ours and the peers'
 
-def random_clip(arch, device, seed=0):
-    """A CLIP of size `arch` (ARCHS) with random weights, frozen, on device; as fast as a trained one."""
+def random_clip(arch, device, precision="fp32", seed=0):
+    """A CLIP of size `arch` (ARCHS) with random weights, frozen, on device, weights in the run's precision
+    (as runtime.load_backbone casts them); as fast as a trained one."""
     torch.manual_seed(seed)
-    return CLIP(*ARCHS[arch]).to(device).requires_grad_(False).eval()
+    model = CLIP(*ARCHS[arch])
+    if precision != "fp32":
+        convert_weights(model, runtime.DTYPES[precision])
+    return model.to(device).requires_grad_(False).eval()
 
 
 def prompted(backbone, n_classes, seed=0):
@@ -191,12 +195,11 @@ def peers_logits(model, device, precision):
     return _autocast(model, device, precision)
 
 
-def our_logits(model, device, precision, compile=False):
-    """Ours, images [B,3,R,R] -> logits [B,C]: text features computed once, now; torch.compile'd if asked."""
+def our_logits(model, device, precision):
+    """Ours, images [B,3,R,R] -> logits [B,C]: text features computed once, now, and reused."""
     with runtime.autocast(device, precision):
         cached = model.logits_fn()
-    fn = _autocast(cached, device, precision)
-    return torch.compile(fn) if compile else fn
+    return _autocast(cached, device, precision)
 
 
 def peers_train_loss(model, x, y, start, eps, alpha, steps):
@@ -340,15 +343,17 @@ def _images(model, batch, device, seed=0):
     return torch.rand(batch, 3, res, res, generator=torch.Generator().manual_seed(seed)).to(device)
 
 
-def bench_eval(backbone, classes, batch, steps, eps, device, precision, repeats, compile=False):
+def bench_eval(backbone, classes, batch, steps, eps, device, precision, repeats, compile=None):
     """PGD-`steps` evaluation (step size eps) on one batch, per class count: the peers' computation
-    (naive_pgd on model.forward) against ours without and with early stopping. Returns one dict per
-    class count; every point starts correctly classified (labels = our clean predictions)."""
+    (naive_pgd on model.forward) against ours without and with early stopping (ours through
+    torch.compile(mode=compile) if compile is a mode name). Returns one dict per class count; every
+    point starts correctly classified (labels = our clean predictions)."""
     rows = []
     for n in classes:
         model = prompted(backbone, n)
         x = _images(model, batch, device)
-        (t_text, ours), = _timed([lambda: our_logits(model, device, precision, compile)], 1, device)
+        (t_text, ours), = _timed([lambda: our_logits(model, device, precision)], 1, device)
+        ours = torch.compile(ours, mode=compile) if compile else ours
         peers = peers_logits(model, device, precision)
         with torch.no_grad():
             y = ours(x).argmax(1)
@@ -361,6 +366,9 @@ def bench_eval(backbone, classes, batch, steps, eps, device, precision, repeats,
         runs = [lambda: naive_pgd(peers, x, y, eps, eps, steps),
                 lambda: attacks.pgd(ours, x, y, eps, eps, steps, early_stop=False, seed=0),
                 lambda: attacks.pgd(counted, x, y, eps, eps, steps, seed=0)]
+        if compile:  # compile (and recompile for the shrinking batches) before the clock starts
+            runs[1](), runs[2]()
+            grad_images[0] = 0
         (t_peers, _), (t_full, _), (t_ours, x_adv) = _timed(runs, repeats, device)
         with torch.no_grad():
             robust = (ours(x_adv).argmax(1) == y).float().mean().item()
@@ -526,7 +534,9 @@ def main():
     p.add_argument("--train-steps", type=int, default=2)
     p.add_argument("--eps", default="1/255")
     p.add_argument("--repeats", type=int, default=None, help="default 3; 1 with --quick")
-    p.add_argument("--compile", action="store_true", help="ours' logits function through torch.compile")
+    p.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
+                   help="ours' logits function through torch.compile (MODE: default, reduce-overhead = CUDA graphs, "
+                        "max-autotune)")
     p.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak (default: by name)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's; 1 with --quick, "
                                                              "steady when other processes share the cores)")
@@ -541,14 +551,14 @@ def main():
     repeats, eps = pick(args.repeats, 1, 3), attacks.parse_eps(args.eps)
     memory_label = "peak MiB" if device.type == "cuda" else "saved MiB"
     print(f"`python {' '.join(sys.argv)}`: {machine(device)}; {arch} CLIP, nap preset, {precision}"
-          + (", compiled" if args.compile else ""))
+          + (f", ours compiled ({args.compile})" if args.compile else ""))
 
     if "attack" in args.bench:
         if args.quick:
             bench_attack_step(batch=16, size=16, steps=10, repeats=1, device=device)
         else:
             bench_attack_step(device=device)
-    backbone = random_clip(arch, device)
+    backbone = random_clip(arch, device, precision)
     eval_rows = None
     if "eval" in args.bench:
         eval_rows = bench_eval(backbone, args.classes, eval_batch, eval_steps, eps, device, precision, repeats,
@@ -563,7 +573,8 @@ def main():
         model = prompted(backbone, max(args.classes))
         forward, backward = attack_step_counted(model, 2, device)
         report_flops(model, dict(batch=2, forward=forward, backward=backward),
-                     eval_rows[-1] if eval_rows else None, args.peak_tflops or default_peak(device))
+                     max(eval_rows, key=lambda r: r["classes"]) if eval_rows else None,
+                     args.peak_tflops or default_peak(device))
 
 
 if __name__ == "__main__":
