@@ -254,7 +254,7 @@ class _SavedBytes:
             self.refs[key], self.now = 0, self.now + nbytes
             self.peak = max(self.peak, self.now)
         self.refs[key] += 1
-        return _Held(t, self, key, nbytes)
+        return _Held(t.detach(), self, key, nbytes)  # t itself would hold its grad_fn: a cycle that keeps the graph
 
     def unpack(self, held):
         return held.tensor if isinstance(held, _Held) else held

@@ -79,10 +79,11 @@ def test_saved_bytes_count_storages_once_and_skip_weights():
     assert bench.peak_memory(lambda: (x * x).sum(), CPU, lin) == x.nbytes  # x saved twice, one storage
     assert bench.peak_memory(lambda: lin(x).sum(), CPU, lin) == x.nbytes  # the weight is not counted
 
-    def two_graphs():  # the first graph is freed before the second is built: the peak is one of them
+    def three_graphs():  # each is freed before the next is built, run or not: the peak is one of them
         torch.autograd.grad((x * 2).exp().sum(), x)
-        (x * 3).exp().sum()
-    assert bench.peak_memory(two_graphs, CPU, lin) == x.nbytes
+        (x * 3).exp().sum()  # exp saves its own output: holding it must not keep the graph alive
+        (x * 4).exp().sum()
+    assert bench.peak_memory(three_graphs, CPU, lin) == x.nbytes
 
 
 def test_protocol_projection_formula():
