@@ -137,7 +137,8 @@ def render(attrs, res, rng):
 
 def caption(attrs, rng):
     """A caption naming a random non-empty subset of `attrs` with a random template."""
-    named = set(rng.permutation(list(ATTRIBUTES))[:rng.integers(1, len(ATTRIBUTES) + 1)])
+    count = min(rng.integers(1, 9), 5)     # half the captions name all five attributes
+    named = set(rng.permutation(list(ATTRIBUTES))[:count])
     words = [attrs[a] for a in ("size", "colour", "texture") if a in named]
     if "shape" in named:
         words.append(attrs["shape"])
