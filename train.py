@@ -50,6 +50,9 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--warmup-epochs", type=int, default=1, help="epochs at --warmup-lr before the cosine schedule")
     p.add_argument("--warmup-lr", type=float, default=1e-5)
+    p.add_argument("--augment", default=None, choices=("crop-flip", "none"),
+                   help="random resized crop + flip, or none (default: none for synthetic tasks, whose single "
+                        "object a 0.08-area crop would cut away; crop-flip otherwise)")
     p.add_argument("--eps", type=runtime.eps_arg, default=1 / 255, help="L-inf radius in pixels, e.g. 1/255")
     p.add_argument("--alpha", type=runtime.eps_arg, default=None, help="PGD step size (default: eps)")
     p.add_argument("--steps", type=int, default=2, help="PGD steps per training batch")
@@ -63,6 +66,7 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     args = p.parse_args(argv)
     args.arch = args.arch or runtime.default_arch(args.dataset)
+    args.augment = args.augment or ("none" if args.dataset.startswith("synthetic") else "crop-flip")
     args.alpha = args.eps if args.alpha is None else args.alpha
     args.out = args.out or os.path.join("runs", f"{args.method}-{os.path.basename(os.path.normpath(args.dataset))}")
     checks = [(args.epochs >= 1, "--epochs must be >= 1"), (args.batch_size >= 1, "--batch-size must be >= 1"),
@@ -155,6 +159,16 @@ class AdversarialStep(torch.nn.Module):
         return (1 - w) * F.cross_entropy(clean, y) + w * (F.cross_entropy(adv, y) + consistency), clean, adv
 
 
+def scaled_depth(depth: int, backbone) -> int:
+    """A preset's depth (set for CLIP's 12 layers) scaled to a shallower backbone: 9 of 12 -> 3 of 4."""
+    layers = backbone.transformer.layers
+    if depth <= layers:
+        return depth
+    scaled = max(1, round(depth * layers / 12))
+    print(f"note: the preset's depth {depth} is for 12 layers; this CLIP has {layers}, using --depth {scaled}")
+    return scaled
+
+
 def learning_rate(epoch: int, args) -> float:
     """Constant warm-up lr for the first epochs, then cosine from lr towards 0 over the rest."""
     if epoch < args.warmup_epochs:
@@ -209,10 +223,13 @@ def main(argv=None):
 
     full = data.build_dataset(args.dataset, args.data_root, "train")  # checked before the backbone loads
     backbone = runtime.load_backbone(args.arch, device, args.precision)
-    full.transform = data.train_transform(backbone.visual.input_resolution)
+    resolution = backbone.visual.input_resolution
+    full.transform = data.train_transform(resolution) if args.augment == "crop-flip" else data.eval_transform(resolution)
     train_set = data.few_shot(full, args.shots, args.seed)
-    cfg = nap.make_config(args.method, text_ctx=args.n_ctx if nap.PRESETS[args.method].text_ctx else None,
-                          vision_ctx=args.n_ctx if nap.PRESETS[args.method].vision_ctx else None, depth=args.depth,
+    preset = nap.PRESETS[args.method]
+    depth = args.depth or scaled_depth(preset.depth, backbone)
+    cfg = nap.make_config(args.method, text_ctx=args.n_ctx if preset.text_ctx else None,
+                          vision_ctx=args.n_ctx if preset.vision_ctx else None, depth=depth,
                           coupling=args.coupling, refine=args.refine, refiner_init=args.refiner_init)
     torch.manual_seed(args.seed)  # prompt and refiner initialisation
     model = nap.PromptedCLIP(backbone, train_set.classnames, cfg).to(device)
