@@ -11,7 +11,8 @@
 
     python bench.py --quick       # tiny CLIP on the CPU (one thread), under 2 minutes
     python bench.py               # ViT-B/16-sized CLIP (random weights: same speed) on the GPU, bf16
-    python bench.py --compile     # ours through torch.compile
+    python bench.py --compile     # ours through torch.compile (--compile reduce-overhead: + CUDA graphs)
+    python bench.py --device cpu --threads 1 --eval-batch 8 --eval-steps 2 --train-batch 8  # ViT-B/16 on a CPU
 
 Times are the best of --repeats runs taken in turns (CUDA: each run between synchronizes).
 Memory is torch.cuda.max_memory_allocated on CUDA; on the CPU, a proxy: the peak bytes of the
@@ -377,7 +378,6 @@ def bench_eval(backbone, classes, batch, steps, eps, device, precision, repeats,
         rows.append(dict(classes=n, batch=batch, steps=steps, text_s=t_text, peers_s=t_peers, full_s=t_full,
                          ours_s=t_ours, work=grad_images[0] / (repeats * batch * steps), robust=100 * robust,
                          peers_mem=memory[0], ours_mem=memory[1]))
-        del model, ours, peers
     return rows
 
 
@@ -397,7 +397,6 @@ def bench_train(backbone, classes, batch, steps, eps, device, precision, repeats
         rows.append(dict(classes=n, batch=batch, steps=steps, peers_s=t_peers, ours_s=t_ours,
                          peers_mem=peak_memory(step["peers"], device, model),
                          ours_mem=peak_memory(step["ours"], device, model)))
-        del model, optimizer
     return rows
 
 
@@ -412,7 +411,6 @@ def bench_text(backbone, classes, device, precision, repeats):
                 return model.text_features()
         (seconds, _), = _timed([encode], repeats, device)
         rows.append(dict(classes=n, seconds=seconds, flops=text_flops(model)))
-        del model
     return rows
 
 
@@ -550,6 +548,9 @@ def main():
     eval_batch, eval_steps = pick(args.eval_batch, 16, 256), pick(args.eval_steps, 3, 10)
     repeats, eps = pick(args.repeats, 1, 3), attacks.parse_eps(args.eps)
     memory_label = "peak MiB" if device.type == "cuda" else "saved MiB"
+    if device.type == "cpu" and not args.quick and args.eval_batch is None:
+        print("note: no GPU; ViT-B/16 at the GPU's batch sizes takes hours on a CPU (see --quick, or the CPU "
+              "command in the docstring)", file=sys.stderr)
     print(f"`python {' '.join(sys.argv)}`: {machine(device)}; {arch} CLIP, nap preset, {precision}"
           + (f", ours compiled ({args.compile})" if args.compile else ""))
 
