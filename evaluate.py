@@ -114,7 +114,7 @@ def evaluate_dataset(name, dataset, backbone, ckpt, args, world, device, partial
         model = nap.PromptedCLIP(backbone, dataset.classnames, nap.PRESETS["zeroshot"])
     else:
         model = nap.from_checkpoint(backbone, ckpt, classnames=dataset.classnames, transfer=True)
-    model = model.to(device).eval()
+    model = model.to(device).eval().requires_grad_(False)  # attacks need input gradients only
     with runtime.autocast(device, args.precision):
         logits = model.logits_fn()  # text features once per dataset
 

@@ -15,6 +15,7 @@ import sys
 import time
 
 import runtime
+import synthetic
 
 METHODS = ["zeroshot", "advpt", "advvpt", "advvlp", "advmaple", "nap"]
 SWEEP = ["1/255", "2/255", "4/255", "8/255"]
@@ -22,7 +23,8 @@ SWEEP = ["1/255", "2/255", "4/255", "8/255"]
 
 def run(*args):
     print("$ python " + " ".join(args), flush=True)
-    subprocess.run([sys.executable, *args], check=True)
+    if subprocess.run([sys.executable, *args]).returncode:
+        raise RuntimeError(f"python {' '.join(args)} failed (its message is above); fix it and run replicate.py again to resume")
 
 
 def train_all(out, arch, eps, extra):
@@ -37,6 +39,7 @@ def train_all(out, arch, eps, extra):
 
 
 def evaluate_all(out, arch, eps, aa_samples, extra):
+    extra = ["--dataset", *synthetic.TASKS, *extra]
     for method in METHODS:
         model = ["--arch", arch, "--method", "zeroshot"] if method == "zeroshot" else \
                 ["--checkpoint", os.path.join(out, method, "checkpoint.pt")]
