@@ -204,6 +204,8 @@ def main(argv=None):
             torch.distributed.barrier()
         if world.main:
             shutil.rmtree(partial_dir, ignore_errors=True)
+            if not os.listdir(os.path.dirname(partial_dir)):
+                os.rmdir(os.path.dirname(partial_dir))
     if world.main:
         shown = {d: results[d] for d in args.dataset}
         table = runtime.markdown_table(shown)

@@ -3,8 +3,9 @@
     python replicate.py                   # -> runs/replication/TABLE.md
 
 Every method is trained with the same protocol on the `synthetic` task (toy CLIP, 16 shots,
-adversarial training with PGD at eps 1/255, the paper's setting), then evaluated together with zero-shot CLIP on every
-synthetic task: clean, PGD-100 and AutoAttack at eps 1/255, and an eps sweep of zero-shot CLIP.
+adversarial training with PGD at eps 1/255, the paper's setting), then evaluated together with zero-shot CLIP: clean and
+PGD-100 accuracy on a seeded 200-image subset of every synthetic task, AutoAttack on 100 images
+of the training task, and an eps sweep of zero-shot CLIP, all at eps 1/255.
 It only calls train.py and evaluate.py, exactly as a user would; finished runs are kept, so
 running it again resumes. `--train-args` / `--eval-args` pass extra flags through.
 """
@@ -27,27 +28,30 @@ def run(*args):
         raise RuntimeError(f"python {' '.join(args)} failed (its message is above); fix it and run replicate.py again to resume")
 
 
-def train_all(out, arch, eps, extra):
+def train_all(out, arch, eps, epochs, extra):
     for method in METHODS[1:]:
         folder = os.path.join(out, method)
         if os.path.exists(os.path.join(folder, "done")):
             continue
         resume = ["--resume"] if os.path.exists(os.path.join(folder, "checkpoint.pt")) else []
-        run("train.py", "--arch", arch, "--dataset", "synthetic", "--method", method, "--eps", eps,
-            "--out", folder, *resume, *extra)
+        run("train.py", "--arch", arch, "--dataset", "synthetic", "--method", method, "--eps", eps, "--epochs", str(epochs),
+            "--workers", "0", "--out", folder, *resume, *extra)
         open(os.path.join(folder, "done"), "w").close()
 
 
-def evaluate_all(out, arch, eps, aa_samples, extra):
-    extra = ["--dataset", *synthetic.TASKS, *extra]
+def evaluate_all(out, arch, eps, samples, aa_samples, extra):
+    """PGD-100 on a seeded subset of every task; AutoAttack and the zero-shot eps sweep on the training task."""
     for method in METHODS:
         model = ["--arch", arch, "--method", "zeroshot"] if method == "zeroshot" else \
                 ["--checkpoint", os.path.join(out, method, "checkpoint.pt")]
-        run("evaluate.py", *model, "--attack", "pgd", "--eps", eps, "--out", os.path.join(out, "eval", f"{method}-pgd.json"), *extra)
-        run("evaluate.py", *model, "--attack", "autoattack", "--eps", eps, "--n-samples", str(aa_samples),
-            "--out", os.path.join(out, "eval", f"{method}-autoattack.json"), *extra)
+        common = [*model, "--eps", eps, "--workers", "0", *extra]
+        run("evaluate.py", *common, "--attack", "pgd", "--dataset", *synthetic.TASKS, "--n-samples", str(samples),
+            "--batch-size", str(samples), "--out", os.path.join(out, "eval", f"{method}-pgd.json"))
+        run("evaluate.py", *common, "--attack", "autoattack", "--dataset", "synthetic", "--n-samples", str(aa_samples),
+            "--batch-size", str(aa_samples), "--out", os.path.join(out, "eval", f"{method}-autoattack.json"))
     for e in SWEEP:
-        run("evaluate.py", "--arch", arch, "--method", "zeroshot", "--attack", "pgd", "--eps", e,
+        run("evaluate.py", "--arch", arch, "--method", "zeroshot", "--attack", "pgd", "--eps", e, "--workers", "0",
+            "--dataset", "synthetic", "--n-samples", str(samples), "--batch-size", str(samples),
             "--out", os.path.join(out, "eval", f"sweep-{e.replace('/', '_')}.json"), *extra)
 
 
@@ -56,6 +60,7 @@ def tables(out) -> str:
     pgd = {m: runtime.read_json(os.path.join(out, "eval", f"{m}-pgd.json"), {}) for m in METHODS}
     aa = {m: runtime.read_json(os.path.join(out, "eval", f"{m}-autoattack.json"), {}) for m in METHODS}
     tasks = list(pgd["zeroshot"])
+    swept = [t for t in tasks if any(t in runtime.read_json(os.path.join(out, "eval", f"sweep-{e.replace('/', '_')}.json"), {}) for e in SWEEP)]
     cell = lambda v: "-" if v is None else f"{v:.1f}"
     lines = ["| method | " + " | ".join(f"{t} clean / PGD / AA" for t in tasks) + " | average clean / PGD / AA |",
              "|---|" + "---|" * (len(tasks) + 1)]
@@ -66,7 +71,7 @@ def tables(out) -> str:
     sweep = {e: runtime.read_json(os.path.join(out, "eval", f"sweep-{e.replace('/', '_')}.json"), {}) for e in SWEEP}
     lines += ["", "Zero-shot toy CLIP under PGD-100 (robust accuracy, %):", "",
               "| task | clean | " + " | ".join(f"eps {e}" for e in SWEEP) + " |", "|---|---|" + "---|" * len(SWEEP)]
-    for t in tasks:
+    for t in swept:
         lines.append(f"| {t} | {cell(pgd['zeroshot'][t]['clean'])} | " + " | ".join(cell(sweep[e].get(t, {}).get("robust")) for e in SWEEP) + " |")
     return "\n".join(lines)
 
@@ -76,13 +81,15 @@ def main():
     p.add_argument("--out", default="runs/replication")
     p.add_argument("--arch", default="toy", help="the backbone (toy, or a weights file)")
     p.add_argument("--eps", default="1/255", help="training and evaluation eps (4/255 collapses every method on the toy)")
-    p.add_argument("--aa-samples", type=int, default=200, help="AutoAttack on a seeded subset of this size per task")
+    p.add_argument("--epochs", type=int, default=30, help="training epochs of every method")
+    p.add_argument("--samples", type=int, default=200, help="PGD on a seeded subset of this size per task")
+    p.add_argument("--aa-samples", type=int, default=100, help="AutoAttack on a seeded subset of the training task")
     p.add_argument("--train-args", default="", help="extra train.py flags, e.g. \"--epochs 50\"")
     p.add_argument("--eval-args", default="", help="extra evaluate.py flags, e.g. \"--n-samples 200\"")
     args = p.parse_args()
     start = time.time()
-    train_all(args.out, args.arch, args.eps, shlex.split(args.train_args))
-    evaluate_all(args.out, args.arch, args.eps, args.aa_samples, shlex.split(args.eval_args))
+    train_all(args.out, args.arch, args.eps, args.epochs, shlex.split(args.train_args))
+    evaluate_all(args.out, args.arch, args.eps, args.samples, args.aa_samples, shlex.split(args.eval_args))
     table = tables(args.out)
     with open(os.path.join(args.out, "TABLE.md"), "w") as f:
         f.write(table + "\n")
