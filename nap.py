@@ -15,7 +15,6 @@ Images are in [0, 1]; normalisation happens inside. Text features do not depend 
 `text_features()` computes them once, `logits(images, text_features)` reuses them, and
 `logits_fn()` returns a plain callable for attacks. Checkpoints hold only the trainable tensors.
 """
-import math
 import os
 from dataclasses import asdict, dataclass, fields, replace
 

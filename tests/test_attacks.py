@@ -10,15 +10,6 @@ EPS = 8 / 255
 C = 10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster (and steadier on a busy machine) on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_cnn(seed=0, dtype=torch.float32):
     """A random conv net from (B, 3, 8, 8) images to 10 logits."""
     torch.manual_seed(seed)

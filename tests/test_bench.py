@@ -10,14 +10,6 @@ CPU = torch.device("cpu")
 EPS = 4 / 255
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def backbone():
     torch.manual_seed(0)

@@ -32,15 +32,6 @@ AUTOATTACK = ["--dataset", "synthetic", "--attack", "autoattack", "--eps", "4/25
               "--n-samples", "16", "--batch-size", "8", "--workers", "0", "--device", "cpu"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """This process computes with one thread too, as each torchrun worker does (OMP_NUM_THREADS=1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny_weights(tmp_path_factory):
     """test_pipeline's tiny CLIP without its image position and class embeddings: with them its random
