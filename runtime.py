@@ -133,22 +133,6 @@ def seed_everything(seed: int):
     torch.manual_seed(seed)
 
 
-def rng_state() -> dict:
-    """The global RNG states (python, numpy, torch, cuda), for checkpoints."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 # ---------------------------------------------------------------------- results
 
 def markdown_table(results: dict, columns=("clean", "robust")) -> str:
