@@ -125,7 +125,7 @@ def evaluate_dataset(name, dataset, backbone, ckpt, args, world, device, partial
     os.makedirs(partial_dir, exist_ok=True)
     todo = [b for b in mine if not os.path.exists(os.path.join(partial_dir, f"batch{b:06d}.json"))]
     loader = DataLoader(Subset(dataset, indices), num_workers=args.workers, pin_memory=device.type == "cuda",
-                        batch_sampler=[[indices.index(i) for i in batches[b]] for b in todo] if todo else [])
+                        batch_sampler=[range(b * args.batch_size, b * args.batch_size + len(batches[b])) for b in todo])
     bar = tqdm(zip(todo, loader), total=len(todo), desc=name, disable=not world.main, leave=False)
     for b, (x, y) in bar:
         counts = evaluate_batch(fn, x.to(device, non_blocking=True), y.to(device), args, seed=args.seed + b)
@@ -189,7 +189,7 @@ def main(argv=None):
     results = runtime.read_json(args.out, {}) or {}
     for dataset in args.dataset:
         done = results.get(dataset)
-        if done is not None and done.get("settings") == settings(args) and done.get("checkpoint") == args.checkpoint:
+        if done is not None and (done.get("settings"), done.get("checkpoint"), done.get("arch")) == (settings(args), args.checkpoint, arch):
             continue  # finished earlier with the same settings
         partial_dir = f"{args.out}.partial/{os.path.basename(os.path.normpath(dataset))}"
         open_partial(partial_dir, {**settings(args), "checkpoint": args.checkpoint, "arch": arch}, world)
