@@ -103,10 +103,10 @@ class SeededViews(Dataset):
 def epoch_batches(n: int, batch_size: int, epoch: int, seed: int, world: runtime.World) -> list:
     """This process's share of the epoch's global batches: a seeded permutation, full batches only."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
-    local = batch_size // world.size
-    starts = range(0, n - batch_size + 1, batch_size) if n >= batch_size else [0]
-    return [perm[s + world.rank * local: s + (world.rank + 1) * local] if n >= batch_size else
-            perm[world.rank::world.size] for s in starts]
+    if n < batch_size:  # fewer images than one batch: a single batch of all of them
+        return [perm[world.rank::world.size]]
+    lo, hi = world.rank * (batch_size // world.size), (world.rank + 1) * (batch_size // world.size)
+    return [perm[s + lo: s + hi] for s in range(0, n - batch_size + 1, batch_size)]
 
 
 def make_loader(views: SeededViews, epoch: int, args, world, device) -> DataLoader:
