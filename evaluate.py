@@ -11,7 +11,6 @@ batch is kept beside the results file, so an interrupted run resumes where it st
 go to --out as JSON (per dataset: clean and robust accuracy in percent, attack, eps, steps,
 samples, seconds) and as a markdown table.
 """
-import argparse
 import os
 import shutil
 import time
@@ -29,7 +28,7 @@ ATTACKS = ("none", "pgd", "apgd-ce", "apgd-t", "fab-t", "square", "autoattack")
 
 
 def parse_args(argv=None):
-    p = runtime.Parser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = runtime.Parser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", default=None, help="a checkpoint.pt written by train.py")
     p.add_argument("--arch", default=None, help="toy, an OpenAI model name or a weights file "
                                                 "(default: the checkpoint's, else ViT-B/16)")
@@ -37,17 +36,18 @@ def parse_args(argv=None):
     p.add_argument("--dataset", nargs="+", default=None, help="one or more datasets (default: ImageNet + the paper's 9 "
                                                                "transfer datasets; every synthetic task for --arch toy)")
     p.add_argument("--data-root", default=None, help="where the datasets lie (default: $NAP_DATA, else ./data)")
-    p.add_argument("--attack", default="pgd", choices=ATTACKS)
-    p.add_argument("--eps", type=runtime.eps_arg, default=1 / 255, help="L-inf radius in pixels, e.g. 1/255 or 4/255")
-    p.add_argument("--alpha", type=runtime.eps_arg, default=1 / 255, help="PGD step size")
+    p.add_argument("--attack", default="pgd", choices=ATTACKS, help="none: clean accuracy only")
+    p.add_argument("--eps", type=runtime.eps_arg, default=None, help="L-inf radius in pixels, e.g. 1/255 or 4/255 "
+                   "(default: 1/255, the paper's; 4/255 for the toy CLIP, as train.py)")
+    p.add_argument("--alpha", type=runtime.eps_arg, default=1 / 255, help="PGD step size (default: 1/255)")
     p.add_argument("--steps", type=int, default=100, help="attack iterations (PGD, APGD, FAB)")
     p.add_argument("--queries", type=int, default=5000, help="Square attack queries")
     p.add_argument("--n-samples", type=int, default=None, help="evaluate a seeded random subset of this size")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--precision", default="fp32", choices=list(runtime.DTYPES))
-    p.add_argument("--device", default="auto")
-    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=256, help="images per batch; batch b is attacked with seed + b")
+    p.add_argument("--seed", type=int, default=0, help="subset draw and attack randomness")
+    p.add_argument("--precision", default="fp32", choices=list(runtime.DTYPES), help="backbone weights and autocast")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--workers", type=int, default=4, help="data loader processes")
     p.add_argument("--out", default=None, help="results JSON (default: runs/eval-<name>-<attack>.json); "
                                                "a markdown table is written beside it")
     args = p.parse_args(argv)
@@ -178,6 +178,8 @@ def main(argv=None):
     device = runtime.resolve_device(args.device, world)
     ckpt = nap.load_checkpoint(args.checkpoint) if args.checkpoint else None
     arch = args.arch or (ckpt.get("arch") if ckpt else None) or "ViT-B/16"
+    if args.eps is None:
+        args.eps = runtime.PROTOCOLS["toy" if arch == "toy" else "paper"]["eps"]
     if args.dataset is None:
         import synthetic
         args.dataset = list(synthetic.TASKS) if arch == "toy" else list(data.PAPER_EVAL)

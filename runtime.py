@@ -27,8 +27,20 @@ def fail(message: str, code: int = 2):
     sys.exit(code)
 
 
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each default, except where the help text already says it or there is none to show."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line ('error: ... (see --help)') rather than usage + error."""
+    """argparse, but a bad flag is one line ('error: ... (see --help)') rather than usage + error; --help shows defaults."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, formatter_class=DefaultsFormatter, **kwargs)
 
     def error(self, message):
         fail(f"{message} (see {self.prog} --help)")
@@ -106,6 +118,15 @@ def autocast(device: torch.device, precision: str):
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=DTYPES[precision])
+
+
+# Defaults of train.py's (and evaluate.py's --eps) flags that depend on the backbone.
+# "paper": the baselines' protocol [B]: 16 shots, SGD 0.0035, 100 epochs, CE on PGD images, eps 1/255.
+# "toy": the offline toy world at eps 4/255. There, CE on PGD images drives every method to uniform
+# logits (the loss sits at ln(classes)), so the toy trains with NAP's curriculum loss [D] and AdamW
+# on all 100 training images per class (README, "Offline replication at toy scale").
+PROTOCOLS = {"paper": dict(shots=16, epochs=100, optimizer="sgd", lr=0.0035, loss="adv", eps=1 / 255),
+             "toy": dict(shots=100, epochs=30, optimizer="adamw", lr=1e-3, loss="curriculum", eps=4 / 255)}
 
 
 def default_arch(dataset: str) -> str:

@@ -12,6 +12,7 @@ on the corners of a 16-px grid (the toy ViT's patches), which lets a small ViT l
 positions from scratch in minutes rather than hours.
 """
 import functools
+import operator
 
 import numpy as np
 from PIL import Image
@@ -184,6 +185,7 @@ class SyntheticDataset(Dataset):
         return self.size
 
     def _draw(self, i):
+        i = operator.index(i)  # an int, or a 0-d integer tensor from a sampler
         if not 0 <= i < self.size:
             raise IndexError(f"index {i} out of range for {self.size} items")
         rng = _item_rng(self.seed, self.split, self._task_id, i)
@@ -208,6 +210,7 @@ class CaptionDataset(Dataset):
         return self.size
 
     def _draw(self, i):
+        i = operator.index(i)
         if not 0 <= i < self.size:
             raise IndexError(f"index {i} out of range for {self.size} items")
         rng = _item_rng(self.seed, "captions", 0, i)

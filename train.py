@@ -11,7 +11,6 @@ and refiners on the chosen loss. `--out/checkpoint.pt` is written atomically aft
 and PGD starts are drawn per image from (seed, epoch, index), so the result does not depend on
 the number of processes or loader workers.
 """
-import argparse
 import math
 import os
 import time
@@ -29,43 +28,51 @@ import runtime
 
 LOSSES = ("adv", "half", "trades", "curriculum")
 
+def protocol_help(flag: str, text: str = "") -> str:
+    paper, toy = runtime.PROTOCOLS["paper"][flag], runtime.PROTOCOLS["toy"][flag]
+    show = lambda v: f"{round(v * 255)}/255" if flag == "eps" else v
+    return f"{text}(default: {show(paper)}; {show(toy)} with --arch toy)"
+
 
 def parse_args(argv=None):
-    p = runtime.Parser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = runtime.Parser(description=__doc__.split("\n")[0])
     p.add_argument("--dataset", default="synthetic", help="a dataset name (see data.py), synthetic[-task], or a folder of class folders")
     p.add_argument("--data-root", default=None, help="where the datasets lie (default: $NAP_DATA, else ./data)")
     p.add_argument("--arch", default=None, help="toy, an OpenAI model name (ViT-B/16, ...) or a weights file "
                                                 "(default: toy for synthetic data, else ViT-B/16)")
-    p.add_argument("--method", default="nap", choices=list(nap.PRESETS))
+    p.add_argument("--method", default="nap", choices=list(nap.PRESETS), help="a preset of nap.PRESETS")
     p.add_argument("--n-ctx", type=int, default=None, help="text and visual context length (default: the preset's)")
     p.add_argument("--depth", type=int, default=None, help="prompted layers J (default: the preset's)")
-    p.add_argument("--coupling", default=None, choices=nap.COUPLINGS)
-    p.add_argument("--refine", default=None, choices=nap.REFINE)
-    p.add_argument("--refiner-init", default=None, choices=nap.REFINER_INITS)
-    p.add_argument("--shots", type=int, default=16, help="training images per class")
-    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--coupling", default=None, choices=nap.COUPLINGS, help="(default: the preset's)")
+    p.add_argument("--refine", default=None, choices=nap.REFINE, help="TokenRefiners (default: the preset's)")
+    p.add_argument("--refiner-init", default=None, choices=nap.REFINER_INITS, help="(default: the preset's)")
+    p.add_argument("--shots", type=int, default=None, help=protocol_help("shots", "training images per class "))
+    p.add_argument("--epochs", type=int, default=None, help=protocol_help("epochs"))
     p.add_argument("--batch-size", type=int, default=32, help="global batch size (split across torchrun processes)")
-    p.add_argument("--optimizer", default="sgd", choices=("sgd", "adamw"))
-    p.add_argument("--lr", type=float, default=0.0035)
-    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--optimizer", default=None, choices=("sgd", "adamw"), help=protocol_help("optimizer"))
+    p.add_argument("--lr", type=float, default=None, help=protocol_help("lr"))
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="decoupled for adamw")
     p.add_argument("--warmup-epochs", type=int, default=1, help="epochs at --warmup-lr before the cosine schedule")
-    p.add_argument("--warmup-lr", type=float, default=1e-5)
+    p.add_argument("--warmup-lr", type=float, default=1e-5, help="learning rate of the warm-up epochs")
     p.add_argument("--augment", default=None, choices=("crop-flip", "none"),
                    help="random resized crop + flip, or none (default: none for synthetic tasks, whose single "
                         "object a 0.08-area crop would cut away; crop-flip otherwise)")
-    p.add_argument("--eps", type=runtime.eps_arg, default=1 / 255, help="L-inf radius in pixels, e.g. 1/255")
+    p.add_argument("--eps", type=runtime.eps_arg, default=None, help=protocol_help("eps", "L-inf radius in pixels "))
     p.add_argument("--alpha", type=runtime.eps_arg, default=None, help="PGD step size (default: eps)")
     p.add_argument("--steps", type=int, default=2, help="PGD steps per training batch")
-    p.add_argument("--loss", default="adv", choices=LOSSES)
+    p.add_argument("--loss", default=None, choices=LOSSES, help=protocol_help("loss"))
     p.add_argument("--beta", type=float, default=6.0, help="TRADES weight of KL(adv || clean)")
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--precision", default="fp32", choices=list(runtime.DTYPES))
+    p.add_argument("--seed", type=int, default=1, help="few-shot draw, initialisation, augmentation and PGD starts")
+    p.add_argument("--precision", default="fp32", choices=list(runtime.DTYPES), help="backbone weights and autocast")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--workers", type=int, default=4, help="data loader processes")
     p.add_argument("--out", default=None, help="output folder (default: runs/<method>-<dataset>)")
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     args = p.parse_args(argv)
     args.arch = args.arch or runtime.default_arch(args.dataset)
+    for flag, value in runtime.PROTOCOLS["toy" if args.arch == "toy" else "paper"].items():
+        if getattr(args, flag) is None:
+            setattr(args, flag, value)
     args.augment = args.augment or ("none" if args.dataset.startswith("synthetic") else "crop-flip")
     args.alpha = args.eps if args.alpha is None else args.alpha
     args.out = args.out or os.path.join("runs", f"{args.method}-{os.path.basename(os.path.normpath(args.dataset))}")

@@ -10,6 +10,7 @@ import torch
 import evaluate
 import nap
 import runtime
+import synthetic
 import train
 from clip.model import CLIP
 
@@ -145,3 +146,63 @@ def test_existing_run_is_not_overwritten(tiny_weights, tmp_path):
         train.main([*FAST, "--arch", tiny_weights, "--method", "advpt", "--epochs", "1", "--out", str(out)])
     with pytest.raises(ValueError, match="other settings"):
         train.main([*FAST, "--arch", tiny_weights, "--method", "nap", "--epochs", "2", "--out", str(out), "--resume"])
+
+
+def test_protocol_defaults_follow_the_backbone():
+    """The paper's protocol by default; the toy world's with --arch toy; an explicit flag always wins."""
+    paper, toy = runtime.PROTOCOLS["paper"], runtime.PROTOCOLS["toy"]
+    assert (paper["eps"], paper["loss"], paper["shots"]) == (1 / 255, "adv", 16)
+    assert (toy["eps"], toy["loss"]) == (4 / 255, "curriculum")
+    for argv, expected in [(["--dataset", "caltech101"], paper), (["--dataset", "synthetic", "--arch", "ViT-B/16"], paper),
+                           ([], toy), (["--arch", "toy", "--dataset", "synthetic-colour"], toy)]:
+        args = train.parse_args(argv)
+        assert {k: getattr(args, k) for k in expected} == expected, argv
+    args = train.parse_args(["--arch", "toy", "--eps", "1/255", "--loss", "adv", "--shots", "16", "--lr", "0.01"])
+    assert (args.eps, args.loss, args.shots, args.lr, args.optimizer) == (1 / 255, "adv", 16, 0.01, "adamw")
+    assert args.alpha == 1 / 255  # the PGD step follows the eps actually used
+
+
+def test_toy_protocol_through_train_and_evaluate(tiny_weights, tmp_path, monkeypatch):
+    """--arch toy (here with a tiny stand-in backbone) trains at 4/255 with the curriculum loss, and its
+    checkpoint is evaluated at 4/255 unless --eps says otherwise; a zero-shot evaluation of a file is at 1/255."""
+    real = runtime.load_backbone
+    monkeypatch.setattr(runtime, "load_backbone", lambda arch, device, precision="fp32":
+                        real(tiny_weights if arch == "toy" else arch, device, precision))
+    out = tmp_path / "toy"
+    train.main(["--arch", "toy", "--shots", "2", "--epochs", "1", "--batch-size", "8", "--depth", "2", "--workers", "0",
+                "--device", "cpu", "--out", str(out)])
+    ckpt = nap.load_checkpoint(str(out / "checkpoint.pt"))
+    assert ckpt["arch"] == "toy" and ckpt["args"]["loss"] == "curriculum" and ckpt["args"]["eps"] == 4 / 255
+    common = ["--dataset", "synthetic", "--steps", "1", "--n-samples", "8", "--workers", "0", "--device", "cpu"]
+    evaluate.main(["--checkpoint", str(out / "checkpoint.pt"), *common, "--out", str(tmp_path / "a.json")])
+    evaluate.main(["--checkpoint", str(out / "checkpoint.pt"), *common, "--eps", "2/255", "--out", str(tmp_path / "b.json")])
+    evaluate.main(["--arch", tiny_weights, *common, "--out", str(tmp_path / "c.json")])
+    eps = [json.loads((tmp_path / f"{n}.json").read_text())["synthetic"]["eps"] for n in "abc"]
+    assert eps == [4 / 255, 2 / 255, 1 / 255]
+
+
+def test_replication_on_a_reduced_budget(tiny_weights, tmp_path):
+    """replicate.py through the CLIs: trains, evaluates, and its table holds exactly the numbers of the JSONs."""
+    out = tmp_path / "rep"
+    args = ["--arch", tiny_weights, "--out", str(out), "--methods", "zeroshot", "nap", "--eval-eps", "4/255",
+            "--samples", "6", "--aa-samples", "3",
+            "--train-args", "--shots 2 --epochs 1 --batch-size 8 --depth 2 --eps 4/255 --device cpu",
+            "--eval-args", "--steps 2 --queries 5 --device cpu"]
+    r = cli("replicate.py", *args)
+    assert r.returncode == 0, r.stderr
+    table = (out / "TABLE.md").read_text()
+    pgd = json.loads((out / "eval" / "nap-pgd-4_255.json").read_text())
+    aa = json.loads((out / "eval" / "nap-autoattack-4_255.json").read_text())
+    assert set(pgd) == set(synthetic.TASKS) and set(aa) == {"synthetic"}
+    assert all(row["n_samples"] == 6 and row["eps"] == 4 / 255 and row["steps"] == 2 for row in pgd.values())
+    nap_row = next(line for line in table.splitlines() if line.startswith("| nap |")).split("|")[2:-1]
+    first = [float(v) for v in nap_row[0].split("/")]
+    assert first == [round(pgd["synthetic"]["clean"], 1), round(pgd["synthetic"]["robust"], 1),
+                     round(aa["synthetic"]["robust"], 1)]
+    clean_mean = sum(row["clean"] for row in pgd.values()) / len(pgd)
+    assert float(nap_row[-1].split("/")[0]) == round(clean_mean, 1)
+    assert "| advpt | - / - / - |" in table  # not run: shown as missing, not as zero
+    sweep = json.loads((out / "eval" / "sweep-8_255.json").read_text())["synthetic"]
+    assert sweep["eps"] == 8 / 255 and f"{sweep['robust']:.1f} |" in table.splitlines()[-1]
+    r = cli("replicate.py", *args)  # everything is finished: nothing is trained or attacked again
+    assert r.returncode == 0 and "$ python train.py" not in r.stdout and (out / "TABLE.md").read_text() == table

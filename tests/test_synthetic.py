@@ -32,6 +32,14 @@ def test_item_is_deterministic_and_rgb():
     assert np.array_equal(pixels(a[7][0]), pixels(SyntheticDataset("synthetic", "test")[7][0]))
 
 
+def test_tensor_indices_give_the_same_item():
+    """Samplers may hand out 0-d integer tensors; they index like ints."""
+    import torch
+    ds, captions = SyntheticDataset("synthetic", "test"), CaptionDataset(10)
+    assert np.array_equal(pixels(ds[torch.tensor(7)][0]), pixels(ds[7][0])) and ds[torch.tensor(7)][1] == ds[7][1]
+    assert captions[torch.tensor(3)][1] == captions[3][1]
+
+
 def test_splits_seeds_and_tasks_differ():
     base = pixels(SyntheticDataset("synthetic", "train")[0][0])
     others = [SyntheticDataset("synthetic", "test")[0][0], SyntheticDataset("synthetic", "val")[0][0],
