@@ -8,7 +8,8 @@ Then every method and zero-shot CLIP are evaluated at each --eval-eps (4/255, th
 and 1/255, the paper's main setting): clean and PGD-100 accuracy on a seeded 200-image subset of
 every synthetic task, and AutoAttack on 100 images of the training task; zero-shot CLIP also gets
 an eps sweep. It only calls train.py and evaluate.py, exactly as a user would; finished runs are
-kept, so running it again resumes. `--methods` splits the work over several processes that
+kept, so running it again resumes. `--ablation 4` runs the depth / refiner ablation instead
+(the paper's Figures 4 and 5) into ABLATION.md. `--methods` splits the work over several processes that
 share --out; `--train-args` / `--eval-args` pass extra flags through.
 """
 import argparse
@@ -94,6 +95,36 @@ def sweep_table(out) -> str:
                       f"| synthetic | {cell(clean)} | " + " | ".join(cell(row("robust", e)) for e in SWEEP) + " |"])
 
 
+def ablation(out, arch, layers, eval_eps, samples, train_extra, eval_extra) -> str:
+    """The paper's Figures 4 and 5 at toy scale: NAP at prompt depth 1..layers, with and without TokenRefiners.
+
+    Refiners sit at layers 2..J, so depth 1 has none. Trained as the main table, PGD-100 on the training task.
+    """
+    rows = []
+    for depth in range(1, layers + 1):
+        for refine in (["none"] if depth == 1 else ["none", "both"]):
+            name = f"depth{depth}-{refine}"
+            folder = os.path.join(out, "ablation", name)
+            if not os.path.exists(os.path.join(folder, "done")):
+                resume = ["--resume"] if os.path.exists(os.path.join(folder, "checkpoint.pt")) else []
+                run("train.py", "--arch", arch, "--dataset", "synthetic", "--method", "nap", "--depth", str(depth),
+                    "--refine", refine, "--workers", "0", "--out", folder, *resume, *train_extra)
+                open(os.path.join(folder, "done"), "w").close()
+            cells = []
+            for eps in eval_eps:
+                path = os.path.join(out, "ablation", "eval", f"{name}-pgd-{tag(eps)}.json")
+                run("evaluate.py", "--checkpoint", os.path.join(folder, "checkpoint.pt"), "--eps", eps, "--attack", "pgd",
+                    "--dataset", "synthetic", "--n-samples", str(samples), "--batch-size", str(samples), "--workers", "0",
+                    "--out", path, *eval_extra)
+                row = runtime.read_json(path, {})["synthetic"]
+                cells.append(f"{row['clean']:.1f} / {row['robust']:.1f}")
+            rows.append(f"| {depth} | {'yes' if refine == 'both' else 'no'} | " + " | ".join(cells) + " |")
+    return "\n".join(["NAP on the training task by prompt depth J, with and without TokenRefiners "
+                      "(clean / PGD-100 accuracy, %):", "",
+                      "| depth J | refiners | " + " | ".join(f"eps {e}" for e in eval_eps) + " |",
+                      "|---|---|" + "---|" * len(eval_eps), *rows])
+
+
 def main():
     p = runtime.Parser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/replication", help="runs, results and TABLE.md")
@@ -102,6 +133,8 @@ def main():
     p.add_argument("--eval-eps", nargs="+", default=["4/255", "1/255"], help="evaluation radii")
     p.add_argument("--samples", type=int, default=200, help="PGD on a seeded subset of this size per task")
     p.add_argument("--aa-samples", type=int, default=100, help="AutoAttack on a seeded subset of the training task")
+    p.add_argument("--ablation", type=int, default=0, metavar="LAYERS",
+                   help="instead of the comparison: NAP at depth 1..LAYERS with and without refiners (4 for the toy)")
     p.add_argument("--train-args", default="", help="extra train.py flags, e.g. \"--epochs 50\"")
     p.add_argument("--eval-args", default="", help="extra evaluate.py flags, e.g. \"--steps 20\"")
     args = p.parse_args()
@@ -111,6 +144,14 @@ def main():
         except argparse.ArgumentTypeError as e:
             p.error(f"--eval-eps: {e}")
     start = time.time()
+    if args.ablation:
+        text = ablation(args.out, args.arch, args.ablation, args.eval_eps, args.samples,
+                        shlex.split(args.train_args), shlex.split(args.eval_args))
+        with open(os.path.join(args.out, "ABLATION.md"), "w") as f:
+            f.write(text + "\n")
+        print(text)
+        print(f"wall time {time.time() - start:.0f} s")
+        return
     train_all(args.out, args.arch, args.methods, shlex.split(args.train_args))
     evaluate_all(args.out, args.arch, args.methods, args.eval_eps, args.samples, args.aa_samples,
                  shlex.split(args.eval_args))

@@ -206,3 +206,17 @@ def test_replication_on_a_reduced_budget(tiny_weights, tmp_path):
     assert sweep["eps"] == 8 / 255 and f"{sweep['robust']:.1f} |" in table.splitlines()[-1]
     r = cli("replicate.py", *args)  # everything is finished: nothing is trained or attacked again
     assert r.returncode == 0 and "$ python train.py" not in r.stdout and (out / "TABLE.md").read_text() == table
+
+
+def test_ablation_trains_each_depth_with_and_without_refiners(tiny_weights, tmp_path):
+    out = tmp_path / "rep"
+    r = cli("replicate.py", "--arch", tiny_weights, "--out", str(out), "--ablation", "2", "--eval-eps", "4/255",
+            "--samples", "4", "--train-args", "--shots 1 --epochs 1 --batch-size 8 --device cpu",
+            "--eval-args", "--steps 1 --device cpu")
+    assert r.returncode == 0, r.stderr
+    for name, depth, refiners in [("depth1-none", 1, False), ("depth2-none", 2, False), ("depth2-both", 2, True)]:
+        ckpt = nap.load_checkpoint(str(out / "ablation" / name / "checkpoint.pt"))
+        assert ckpt["config"]["depth"] == depth
+        assert any("refiner" in k for k in ckpt["trainable"]) == refiners
+    rows = [line for line in (out / "ABLATION.md").read_text().splitlines() if line[:3].strip("| ").isdigit()]
+    assert [row.split("|")[1:3] for row in rows] == [[" 1 ", " no "], [" 2 ", " no "], [" 2 ", " yes "]]
