@@ -36,15 +36,19 @@ def tag(eps: str) -> str:
     return eps.replace("/", "_")
 
 
+def train_once(folder, arch, *flags):
+    """train.py on `synthetic` into folder, unless it finished there before; an interrupted run resumes."""
+    if os.path.exists(os.path.join(folder, "done")):
+        return
+    resume = ["--resume"] if os.path.exists(os.path.join(folder, "checkpoint.pt")) else []
+    run("train.py", "--arch", arch, "--dataset", "synthetic", "--workers", "0", "--out", folder, *resume, *flags)
+    open(os.path.join(folder, "done"), "w").close()
+
+
 def train_all(out, arch, methods, extra):
     for method in methods:
-        folder = os.path.join(out, method)
-        if method == "zeroshot" or os.path.exists(os.path.join(folder, "done")):
-            continue
-        resume = ["--resume"] if os.path.exists(os.path.join(folder, "checkpoint.pt")) else []
-        run("train.py", "--arch", arch, "--dataset", "synthetic", "--method", method, "--workers", "0",
-            "--out", folder, *resume, *extra)
-        open(os.path.join(folder, "done"), "w").close()
+        if method != "zeroshot":
+            train_once(os.path.join(out, method), arch, "--method", method, *extra)
 
 
 def evaluate_all(out, arch, methods, eval_eps, samples, aa_samples, extra):
@@ -105,11 +109,7 @@ def ablation(out, arch, layers, eval_eps, samples, train_extra, eval_extra) -> s
         for refine in (["none"] if depth == 1 else ["none", "both"]):
             name = f"depth{depth}-{refine}"
             folder = os.path.join(out, "ablation", name)
-            if not os.path.exists(os.path.join(folder, "done")):
-                resume = ["--resume"] if os.path.exists(os.path.join(folder, "checkpoint.pt")) else []
-                run("train.py", "--arch", arch, "--dataset", "synthetic", "--method", "nap", "--depth", str(depth),
-                    "--refine", refine, "--workers", "0", "--out", folder, *resume, *train_extra)
-                open(os.path.join(folder, "done"), "w").close()
+            train_once(folder, arch, "--method", "nap", "--depth", str(depth), "--refine", refine, *train_extra)
             cells = []
             for eps in eval_eps:
                 path = os.path.join(out, "ablation", "eval", f"{name}-pgd-{tag(eps)}.json")
