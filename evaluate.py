@@ -179,7 +179,7 @@ def main(argv=None):
     ckpt = nap.load_checkpoint(args.checkpoint) if args.checkpoint else None
     arch = args.arch or (ckpt.get("arch") if ckpt else None) or "ViT-B/16"
     if args.eps is None:
-        args.eps = runtime.PROTOCOLS["toy" if arch == "toy" else "paper"]["eps"]
+        args.eps = runtime.protocol(arch)["eps"]
     if args.dataset is None:
         import synthetic
         args.dataset = list(synthetic.TASKS) if arch == "toy" else list(data.PAPER_EVAL)

@@ -129,6 +129,11 @@ PROTOCOLS = {"paper": dict(shots=16, epochs=100, optimizer="sgd", lr=0.0035, los
              "toy": dict(shots=100, epochs=30, optimizer="adamw", lr=1e-3, loss="curriculum", eps=4 / 255)}
 
 
+def protocol(arch: str) -> dict:
+    """The default training settings for a backbone: PROTOCOLS['toy'] for the toy CLIP, else the paper's."""
+    return PROTOCOLS["toy" if arch == "toy" else "paper"]
+
+
 def default_arch(dataset: str) -> str:
     """The toy CLIP for the synthetic tasks, ViT-B/16 (the paper's backbone) for everything else."""
     return "toy" if dataset.startswith("synthetic") else "ViT-B/16"

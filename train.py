@@ -28,7 +28,9 @@ import runtime
 
 LOSSES = ("adv", "half", "trades", "curriculum")
 
+
 def protocol_help(flag: str, text: str = "") -> str:
+    """--help text naming a flag's default under the paper's protocol and under the toy one."""
     paper, toy = runtime.PROTOCOLS["paper"][flag], runtime.PROTOCOLS["toy"][flag]
     show = lambda v: f"{round(v * 255)}/255" if flag == "eps" else v
     return f"{text}(default: {show(paper)}; {show(toy)} with --arch toy)"
@@ -70,7 +72,7 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     args = p.parse_args(argv)
     args.arch = args.arch or runtime.default_arch(args.dataset)
-    for flag, value in runtime.PROTOCOLS["toy" if args.arch == "toy" else "paper"].items():
+    for flag, value in runtime.protocol(args.arch).items():
         if getattr(args, flag) is None:
             setattr(args, flag, value)
     args.augment = args.augment or ("none" if args.dataset.startswith("synthetic") else "crop-flip")
