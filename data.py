@@ -14,7 +14,9 @@ no normalisation (the model normalises).
 """
 import json
 import os
+import struct
 import warnings
+import zlib
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
@@ -98,6 +100,43 @@ def default_root():
     return os.environ.get("NAP_DATA") or "./data"
 
 
+class UnreadableImage(ValueError):
+    """An image file that cannot be decoded. Its message stays the first line also where a
+    DataLoader re-raises it from a worker, as type(e)("Caught ... in DataLoader worker ...")."""
+
+    def __init__(self, message):
+        tag = f"{type(self).__name__}: "
+        if message.startswith("Caught ") and tag in message:  # re-raised from a worker
+            own = [line for line in message.splitlines() if tag in line][-1]
+            message = f"{own.split(tag, 1)[1]}\n{message}"
+        super().__init__(message)
+
+
+# what PIL raises on a truncated, corrupt or unknown file (UnidentifiedImageError is an OSError)
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error,
+                  Image.DecompressionBombError, Image.DecompressionBombWarning)
+
+
+def load_image(path):
+    """The RGB PIL image in `path`; UnreadableImage naming the file if it cannot be decoded.
+
+    PIL's global settings are left alone: truncated files stay errors (ImageFile.
+    LOAD_TRUNCATED_IMAGES), and images over the decompression-bomb limit (Image.MAX_IMAGE_PIXELS)
+    are refused, also those that PIL would only warn about."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                return im.convert("RGB")
+    except _DECODE_ERRORS as e:
+        if isinstance(e, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+            reason = f"too large, a possible decompression bomb: {e}"
+        else:
+            reason = str(e).replace(repr(path), "").replace(str(path), "").strip(" :")
+        raise UnreadableImage(f"cannot read image {path} ({reason or type(e).__name__}); "
+                              f"remove or replace the file") from None
+
+
 class ImageList(Dataset):
     """(path, label) samples -> (transform(RGB PIL image), label); with .classnames, .targets."""
 
@@ -110,8 +149,7 @@ class ImageList(Dataset):
 
     def __getitem__(self, i):
         path, y = self.samples[i]
-        with Image.open(path) as im:
-            image = im.convert("RGB")
+        image = load_image(path)
         return (image if self.transform is None else self.transform(image)), y
 
 
@@ -197,7 +235,7 @@ def _read_known(key, root, split):
             samples, names = _read_wnid_folders(images, _imagenet_names(root, folder),
                                                 info.n_classes)
     except (FileNotFoundError, ValueError) as e:
-        raise type(e)(f"{e}. {_layout(key, root)}") from None
+        raise _with(e, f". {_layout(key, root)}") from None
     if len(names) != info.n_classes:
         raise ValueError(f"{key} has {info.n_classes} classes but {len(names)} were read. "
                          f"{_layout(key, root)}")
@@ -210,23 +248,48 @@ def _read_known(key, root, split):
     return samples, [renames.get(n, n).replace("_", " ") for n in names]
 
 
+def _with(e, suffix):
+    """A FileNotFoundError or ValueError like e (its base type: a subclass such as
+    json.JSONDecodeError takes other arguments) with `suffix` appended to the message."""
+    return (FileNotFoundError if isinstance(e, FileNotFoundError) else ValueError)(f"{e}{suffix}")
+
+
+_JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number",
+               bool: "boolean", type(None): "null"}
+
+
 def _read_coop_split(path, image_dir, split):
     """CoOp's {"train"|"val"|"test": [[relpath, label, classname], ...]} -> samples, names."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"split file {path} is missing")
-    with open(path) as f:
-        splits = json.load(f)
-    if not all(s in splits for s in SPLITS):
-        raise ValueError(f"split file {path} lacks one of the keys {SPLITS}")
+    expected = 'expected CoOp\'s {"train": [...], "val": [...], "test": [...]}'
+    try:
+        with open(path, encoding="utf-8") as f:
+            splits = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"split file {path} is not valid JSON ({e}); {expected}") from None
+    if not isinstance(splits, dict):
+        raise ValueError(f"split file {path} holds a JSON {_JSON_TYPES[type(splits)]}; {expected}")
+    for s in SPLITS:
+        if s not in splits:
+            raise ValueError(f"split file {path} has no {s!r} list; {expected}")
+        if not isinstance(splits[s], list):
+            raise ValueError(f"split file {path}: {s!r} is a JSON {_JSON_TYPES[type(splits[s])]}; "
+                             f"{expected}")
     names = {}
     for s in SPLITS:
-        for _, label, classname in splits[s]:
-            if names.setdefault(int(label), classname) != classname:
+        for k, row in enumerate(splits[s]):
+            if not (isinstance(row, list) and len(row) == 3 and isinstance(row[0], str)
+                    and type(row[1]) is int and isinstance(row[2], str)):
+                raise ValueError(f"split file {path}: {s}[{k}] is {json.dumps(row)[:80]}; expected "
+                                 f'[relative_path, label_int, classname], e.g. ["a/1.jpg", 0, "a"]')
+            _, label, classname = row
+            if names.setdefault(label, classname) != classname:
                 raise ValueError(f"split file {path} names label {label} both "
-                                 f"{names[int(label)]!r} and {classname!r}")
+                                 f"{names[label]!r} and {classname!r}")
     if sorted(names) != list(range(len(names))):
         raise ValueError(f"split file {path} has labels that are not 0..{len(names) - 1}")
-    samples = [(os.path.join(image_dir, rel), int(label)) for rel, label, _ in splits[split]]
+    samples = [(os.path.join(image_dir, rel), label) for rel, label, _ in splits[split]]
     return samples, [names[y] for y in range(len(names))]
 
 
@@ -235,8 +298,8 @@ def _read_aircraft(folder, split):
     names = _read_lines(os.path.join(folder, "variants.txt"))
     label = {n: i for i, n in enumerate(names)}
     samples = []
-    for line in _read_lines(os.path.join(folder, f"images_variant_{split}.txt")):
-        image, variant = line.split(" ", 1)
+    for image, variant in _read_pairs(os.path.join(folder, f"images_variant_{split}.txt"),
+                                      "'0034309 A300B4'"):
         if variant not in label:
             raise ValueError(f"images_variant_{split}.txt names variant {variant!r}, "
                              f"which is not in variants.txt")
@@ -246,10 +309,29 @@ def _read_aircraft(folder, split):
 
 def _read_lines(path):
     """The non-empty lines of a text file, stripped."""
+    return [line for _, line in _numbered_lines(path)]
+
+
+def _numbered_lines(path):
+    """[(line number, stripped line)] of the non-empty lines of a UTF-8 text file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} is missing")
-    with open(path) as f:
-        return [line.strip() for line in f if line.strip()]
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [(n, line.strip()) for n, line in enumerate(f, 1) if line.strip()]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _read_pairs(path, example):
+    """The non-empty lines of a text file split at their first space: [(first, rest)]."""
+    pairs = []
+    for n, line in _numbered_lines(path):
+        pair = line.split(" ", 1)
+        if len(pair) != 2:
+            raise ValueError(f"line {n} of {path} is {line[:80]!r}; expected lines like {example}")
+        pairs.append(pair)
+    return pairs
 
 
 def _imagenet_names(root, folder):
@@ -257,7 +339,7 @@ def _imagenet_names(root, folder):
     for path in (os.path.join(folder, "classnames.txt"),
                  os.path.join(root, "imagenet", "classnames.txt")):
         if os.path.isfile(path):
-            return OrderedDict(line.split(" ", 1) for line in _read_lines(path))
+            return OrderedDict(_read_pairs(path, "'n01440764 tench'"))
     raise FileNotFoundError(f"classnames.txt is missing from {folder} and {root}/imagenet")
 
 
@@ -303,6 +385,7 @@ def _read_tree(path, split):
     try:
         if "train" not in subtrees:
             tree = ImageFolder(path)
+            _check_classes(path, tree.classes)
             counts = Counter(tree.targets)
             few = [c for c, y in tree.class_to_idx.items() if counts[y] < 3]
             if few:
@@ -313,16 +396,33 @@ def _read_tree(path, split):
         sub = next((s for s in wanted if s in subtrees), None)
         if sub is None:
             raise FileNotFoundError(f"no {' or '.join(wanted)} folder in {path}")
+        _check_classes(os.path.join(path, "train"), find_classes(os.path.join(path, "train"))[0])
         tree = ImageFolder(os.path.join(path, sub))
         if tree.classes != find_classes(os.path.join(path, "train"))[0]:
             raise ValueError(f"{path}/{sub} and {path}/train hold different class folders")
     except (FileNotFoundError, ValueError) as e:
-        raise type(e)(f"{e}; {expected}") from None
+        raise _with(e, f"; {expected}") from None
     return tree.samples, _names(tree.classes)
 
 
 def _names(folders):
     return [f.replace("_", " ") for f in folders]
+
+
+def _check_classes(folder, classes):
+    """Refuse a single class folder, and two folders whose prompts would read the same: names
+    are read with underscores as spaces, and CLIP's tokenizer lowercases and collapses spaces."""
+    if len(classes) < 2:
+        raise ValueError(f"{folder} holds a single class folder ({classes[0]!r}); accuracy needs "
+                         f"at least two classes")
+    seen = {}
+    for c in classes:
+        prompt = " ".join(c.replace("_", " ").split()).lower()
+        if prompt in seen:
+            raise ValueError(f"class folders {os.path.join(folder, seen[prompt])} and "
+                             f"{os.path.join(folder, c)} give the same class name {prompt!r} "
+                             f"(underscores read as spaces, case ignored); rename or merge them")
+        seen[prompt] = c
 
 
 def _split_per_class(samples, split, seed=0):

@@ -210,6 +210,131 @@ def test_default_root_comes_from_nap_data(tmp_path, monkeypatch):
     assert data.default_root() == "./data"
 
 
+def _one_line(e):
+    """The message of a raised error, checked to be a single line."""
+    text = str(e.value)
+    assert "\n" not in text.strip(), text
+    return text
+
+
+@pytest.mark.parametrize("payload, expected", [
+    (b'{"train": [["a.png", 0, "a"]], ', "not valid JSON"),
+    (b"\xff\xfe not utf-8", "not valid JSON"),
+    (b'[["a.png", 0, "a"]]', "a JSON array"),
+    (b"3", "a JSON number"),
+    (b'{"train": [], "val": []}', "no 'test' list"),
+    (b'{"train": [], "val": [], "test": {"a.png": 0}}', "'test' is a JSON object"),
+])
+def test_malformed_split_file_is_one_line_naming_it(tmp_path, payload, expected):
+    folder = _coop_tree(tmp_path, "dtd", [f"texture{i}" for i in range(47)])
+    split_file = os.path.join(folder, "split_zhou_DescribableTextures.json")
+    _write(split_file, payload)
+    with pytest.raises(ValueError) as e:
+        data.build_dataset("dtd", tmp_path, "train")
+    text = _one_line(e)
+    assert split_file in text and expected in text
+    assert '{"train": [...], "val": [...], "test": [...]}' in text
+
+
+@pytest.mark.parametrize("row", [["a.png", 0], "a.png", ["a.png", "0", "a"], [3, 0, "a"],
+                                 ["a.png", 0.5, "a"], ["a.png", True, "a"], None,
+                                 ["a.png", 0, "a", "extra"]])
+def test_split_row_of_the_wrong_shape_names_file_and_row(tmp_path, row):
+    folder = _coop_tree(tmp_path, "dtd", [f"texture{i}" for i in range(47)])
+    split_file = os.path.join(folder, "split_zhou_DescribableTextures.json")
+    with open(split_file) as f:
+        splits = json.load(f)
+    splits["val"][5] = row
+    with open(split_file, "w") as f:
+        json.dump(splits, f)
+    with pytest.raises(ValueError) as e:
+        data.build_dataset("dtd", tmp_path, "test")
+    text = _one_line(e)
+    assert split_file in text and "val[5]" in text and "[relative_path, label_int, classname]" in text
+
+
+def test_malformed_classnames_and_aircraft_lists_name_the_line(tmp_path):
+    _imagenet_names(tmp_path)
+    with open(tmp_path / "imagenet" / "classnames.txt", "a") as f:
+        f.write("n09999999\n")
+    (tmp_path / "imagenet" / "images" / "val").mkdir(parents=True)
+    with pytest.raises(ValueError) as e:
+        data.build_dataset("imagenet", tmp_path, "test")
+    assert "classnames.txt" in _one_line(e) and "line 1001" in str(e.value)
+    assert "'n01440764 tench'" in str(e.value)
+    folder = tmp_path / "fgvc_aircraft"
+    (folder / "images").mkdir(parents=True)
+    (folder / "variants.txt").write_text("\n".join(f"V{i}" for i in range(100)) + "\n")
+    (folder / "images_variant_test.txt").write_text("0034309 V1\n1234567\n")
+    with pytest.raises(ValueError) as e:
+        data.build_dataset("fgvc_aircraft", tmp_path, "test")
+    assert "images_variant_test.txt" in _one_line(e) and "line 2" in str(e.value)
+
+
+# ----- unreadable images ---------------------------------------------------------------------------
+
+
+def _two_class_tree(root, n=3):
+    for name in ("apple", "pear"):
+        for k in range(n):
+            _write(str(root / "train" / name / f"{k}.png"))
+            _write(str(root / "test" / name / f"{k}.png"))
+
+
+def _jpeg():
+    buf = io.BytesIO()
+    _noise(40, 30).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.parametrize("payload", [PNG[:len(PNG) // 2], _jpeg()[:300], b"not an image at all",
+                                     b""], ids=["png-truncated", "jpeg-truncated", "garbage", "empty"])
+def test_unreadable_image_is_one_line_naming_the_file(tmp_path, payload, workers):
+    from PIL import ImageFile
+    _two_class_tree(tmp_path)
+    bad = str(tmp_path / "test" / "pear" / "1.png")
+    _write(bad, payload)
+    ds = data.build_dataset(str(tmp_path), split="test", transform=data.eval_transform(4))
+    assert ds[0][0].shape == (3, 4, 4)   # the good images still load
+    with pytest.raises(ValueError) as e:
+        list(data.loader(ds, 2, train=False, workers=workers))
+    first = str(e.value).splitlines()[0]
+    assert first.startswith(f"cannot read image {bad} ") and first.endswith("remove or replace the file")
+    assert not ImageFile.LOAD_TRUNCATED_IMAGES
+
+
+@pytest.mark.parametrize("size", [(12, 10), (30, 30)], ids=["bomb-warning", "bomb-error"])
+def test_decompression_bomb_is_refused_naming_the_file(tmp_path, monkeypatch, size):
+    _two_class_tree(tmp_path)
+    bad = str(tmp_path / "test" / "apple" / "0.png")
+    _write(bad, _png(*size))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)   # 120 pixels warn, over 200 fail
+    ds = data.build_dataset(str(tmp_path), split="test")
+    with pytest.raises(ValueError) as e:
+        ds[0]
+    text = _one_line(e)
+    assert text.startswith(f"cannot read image {bad} ") and "decompression bomb" in text
+    assert text.endswith("remove or replace the file")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
+    assert ds[0][0].size == size
+
+
+def test_unreadable_image_error_survives_a_worker_with_its_traceback():
+    raised = data.UnreadableImage("cannot read image /x/a.png (broken); remove or replace the file")
+    try:
+        raise raised
+    except ValueError:
+        from torch._utils import ExceptionWrapper
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")
+    with pytest.raises(data.UnreadableImage) as e:
+        wrapped.reraise()
+    lines = str(e.value).splitlines()
+    assert lines[0] == str(raised)
+    assert lines[1] == "Caught UnreadableImage in DataLoader worker process 0."
+    assert "Traceback" in str(e.value)
+
+
 # ----- folders of class sub-folders ---------------------------------------------------------------
 
 
@@ -252,6 +377,37 @@ def test_folder_with_train_and_test_subtrees(tmp_path):
     _write(str(tmp_path / "test" / "plum" / "0.png"))
     with pytest.raises(ValueError, match="different class folders"):
         data.build_dataset(str(tmp_path), split="test")
+
+
+@pytest.mark.parametrize("subtrees", [False, True])
+def test_a_single_class_is_refused_naming_the_folder(tmp_path, subtrees):
+    base = tmp_path / "train" if subtrees else tmp_path
+    for k in range(5):
+        _write(str(base / "cat" / f"{k}.png"))
+        if subtrees:
+            _write(str(tmp_path / "test" / "cat" / f"{k}.png"))
+    with pytest.raises(ValueError) as e:
+        data.build_dataset(str(tmp_path), split="test")
+    text = _one_line(e)
+    assert f"{base} holds a single class folder ('cat')" in text and "at least two classes" in text
+
+
+@pytest.mark.parametrize("folders", [("big cat", "big_cat"), ("Cat", "cat"), ("big  cat", "big_cat"),
+                                     ("Big_Cat", "big cat")])
+@pytest.mark.parametrize("subtrees", [False, True])
+def test_folders_with_the_same_prompt_name_are_refused(tmp_path, folders, subtrees):
+    base = tmp_path / "train" if subtrees else tmp_path
+    for name in folders + ("dog",):
+        for k in range(3):
+            _write(str(base / name / f"{k}.png"))
+            if subtrees:
+                _write(str(tmp_path / "test" / name / f"{k}.png"))
+    with pytest.raises(ValueError) as e:
+        data.build_dataset(str(tmp_path), split="train")
+    text = _one_line(e)
+    first, second = sorted(folders)
+    assert f"{base / first} and {base / second} give the same class name" in text
+    assert "rename" in text
 
 
 def test_empty_folder_is_an_error(tmp_path):
