@@ -19,11 +19,16 @@ Memory is torch.cuda.max_memory_allocated on CUDA; on the CPU, a proxy: the peak
 tensors autograd keeps for backward (activations, weights excluded).
 """
 import argparse
+import contextlib
 import datetime
+import io
 import os
 import platform
 import sys
+import tempfile
 import time
+import traceback
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -32,9 +37,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import attacks
+import data
 import nap
 import runtime
-from clip.model import CLIP, convert_weights
+from clip.model import CLIP
 
 # CLIP(embed_dim, image_resolution, vision_layers, vision_width, vision_patch_size, context_length,
 #      vocab_size, transformer_width, transformer_heads, transformer_layers)
@@ -78,15 +84,15 @@ def small_cnn(size, seed=0):
     return net, sample
 
 
-def naive_pgd(model, x, y, eps, alpha, steps):
-    """Reference PGD as commonly written (torchattacks style): every point, every step."""
-    x_adv = (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1)
+def naive_pgd(model, x, y, eps, alpha, steps, start=None):
+    """Reference PGD as torchattacks writes it: from `start` (default: a uniform point of the eps ball
+    from torch's RNG), every point every step, mean cross-entropy, the last iterate returned."""
+    x_adv = (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1) if start is None else start.detach()
     for _ in range(steps):
         x_adv.requires_grad_(True)
         loss = F.cross_entropy(model(x_adv), y)
         (g,) = torch.autograd.grad(loss, x_adv)
-        x_adv = torch.min(torch.max(x_adv.detach() + alpha * g.sign(), x - eps), x + eps)
-        x_adv = x_adv.clamp(0, 1)
+        x_adv = (x + (x_adv.detach() + alpha * g.sign() - x).clamp(-eps, eps)).clamp(0, 1)
     return x_adv
 
 
@@ -166,13 +172,14 @@ def bench_attack_step(batch=128, size=32, steps=100, eps_list=("1/255", "8/255",
 # ---------------------------------------------------------------------- prompted CLIP: ours and the peers'
 
 def random_clip(arch, device, precision="fp32", seed=0):
-    """A CLIP of size `arch` (ARCHS) with random weights, frozen, on device, weights in the run's precision
-    (as runtime.load_backbone casts them); as fast as a trained one."""
+    """A CLIP of size `arch` (ARCHS) with random weights, frozen, on device, in the run's precision: saved
+    to a temporary file and loaded by runtime.load_backbone, as train.py and evaluate.py load theirs.
+    As fast as a trained one."""
     torch.manual_seed(seed)
-    model = CLIP(*ARCHS[arch])
-    if precision != "fp32":
-        convert_weights(model, runtime.DTYPES[precision])
-    return model.to(device).requires_grad_(False).eval()
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, f"random-{arch.replace('/', '')}.pt")
+        torch.save(CLIP(*ARCHS[arch]).state_dict(), path)
+        return runtime.load_backbone(path, device, precision)
 
 
 def prompted(backbone, n_classes, seed=0):
@@ -422,6 +429,447 @@ def protocol_seconds(image_steps_per_s, text_s_per_class, step_flops, forward_fl
     return sum(n * per_image / image_steps_per_s + c * text_s_per_class for n, c in PROTOCOL.values())
 
 
+# ---------------------------------------------------------------------- profile of one attack step
+
+CASTS = {"aten::to", "aten::_to_copy", "aten::copy_", "aten::clone", "aten::contiguous", "aten::type_as"}
+PROMPT_OPS = {"aten::cat", "aten::expand", "aten::slice", "aten::narrow", "aten::unsqueeze", "aten::select",
+              "aten::split", "aten::unbind", "aten::stack"}
+
+
+def labelled_parts(model):
+    """[(module or (object, method name), label)]: the parts of a prompted ViT CLIP's image path the profile
+    tells apart. Methods are listed by name, so that either version of nap.py (visual.embed or
+    model.embed_patches, with or without model.image_embedding) is covered where it exists."""
+    visual = model.clip.visual
+    parts = [((visual, "embed"), "patch embedding, normalisation"), ((model, "embed_patches"), "patch embedding, normalisation"),
+             ((visual, "head"), "head, logits, loss"), (visual.ln_pre, "layer norms")]
+    for block in visual.transformer.resblocks:
+        parts += [(block.attn, "attention"), (block.mlp, "MLP"), (block.ln_1, "layer norms"), (block.ln_2, "layer norms")]
+    parts += [(m, "refiners") for m in getattr(model, "vision_refiners", [])]
+    parts += [((model, "vision_prompts"), "visual prompts (maple projection)")]
+    return [(p, label) for p, label in parts if not isinstance(p, tuple) or hasattr(*p)]
+
+
+class Labels:
+    """While open, runs each labelled part inside torch.profiler.record_function('part:<label>') (module hooks,
+    instance-level wrappers of methods); closing removes every hook and wrapper."""
+
+    def __init__(self, parts):
+        self.parts, self.undo = parts, []
+
+    def __enter__(self):
+        for part, label in self.parts:
+            if isinstance(part, tuple):
+                obj, name = part
+                method = getattr(obj, name)
+
+                def wrapped(*args, _method=method, _label=label, **kwargs):
+                    with torch.profiler.record_function(f"part:{_label}"):
+                        return _method(*args, **kwargs)
+                setattr(obj, name, wrapped)
+                self.undo.append(lambda obj=obj, name=name: delattr(obj, name))
+            else:
+                ranges = []
+                pre = part.register_forward_pre_hook(
+                    lambda m, a, label=label, ranges=ranges: ranges.append(torch.profiler.record_function(f"part:{label}").__enter__()))
+                post = part.register_forward_hook(lambda m, a, out, ranges=ranges: ranges.pop().__exit__(None, None, None))
+                self.undo += [pre.remove, post.remove]
+        return self
+
+    def __exit__(self, *exc):
+        for undo in reversed(self.undo):
+            undo()
+        self.undo = []
+
+
+def _op_label(name):
+    """The label of an op outside every labelled part, by its name."""
+    if name in PROMPT_OPS:
+        return "prompt handling (cat, expand, slices)"
+    if name in CASTS:
+        return "casts and copies (outside the parts)"
+    return "other (elementwise, loss, bookkeeping)"
+
+
+def step_profile(events, device_time):
+    """Profiler events of attack steps -> {label: [forward us, backward us, of which casts/copies us]}, self times.
+    A forward op takes the label of its innermost labelled range (else its name's); a backward op that of the
+    forward op autograd recorded it for (same sequence number)."""
+    key = "self_device_time_total" if device_time else "self_cpu_time_total"
+    by_seq, table = {}, {}
+
+    def forward_label(e):
+        a = e.cpu_parent
+        while a is not None:
+            if a.name.startswith("part:"):
+                return a.name[5:]
+            a = a.cpu_parent
+        return None
+
+    def backward_node(e):  # the autograd node an op runs in, or None for a forward op
+        node = None
+        while e is not None:
+            if e.name.startswith("autograd::engine::evaluate_function"):
+                node = e
+            e = e.cpu_parent
+        return node
+
+    ops = [(e, backward_node(e)) for e in sorted(events, key=lambda e: e.time_range.start)
+           if e.device_type == torch.autograd.DeviceType.CPU and not e.name.startswith("part:")]
+    for e, node in ops:  # forward ops first: their sequence numbers name the backward ops
+        if node is None and e.sequence_nr >= 0:
+            by_seq.setdefault(e.sequence_nr, forward_label(e) or _op_label(e.name))
+    for e, node in ops:
+        if node is not None:
+            label, phase = by_seq.get(node.sequence_nr, "other (elementwise, loss, bookkeeping)"), 1
+        else:
+            label, phase = forward_label(e) or _op_label(e.name), 0
+        row = table.setdefault(label, [0.0, 0.0, 0.0])
+        row[phase] += getattr(e, key)
+        if e.name in CASTS:
+            row[2] += getattr(e, key)
+    return table
+
+
+def bench_profile(backbone, classes, batch, device, precision, steps=2):
+    """torch.profiler over `steps` attack steps (forward + input-gradient backward of cross-entropy, as
+    attacks.pgd takes them) of ours (nap preset, text features cached) after one warm-up step.
+    -> (table as step_profile gives it, per step; wall ms per step)."""
+    model = prompted(backbone, classes)
+    fn = our_logits(model, device, precision)
+    x, y = _images(model, batch, device), torch.arange(batch, device=device) % classes
+
+    def step():
+        x_in = x.clone().requires_grad_(True)
+        return torch.autograd.grad(F.cross_entropy(fn(x_in), y, reduction="none").sum(), x_in)
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with Labels(labelled_parts(model)):
+        step()
+        _sync(device)
+        with torch.profiler.profile(activities=activities) as prof:
+            start = time.perf_counter()
+            for _ in range(steps):
+                step()
+            _sync(device)
+            wall = (time.perf_counter() - start) / steps
+    table = step_profile(prof.events(), device.type == "cuda")
+    return {label: [v / steps for v in row] for label, row in table.items()}, 1e3 * wall
+
+
+def report_profile(table, wall_ms, title):
+    total = sum(f + b for f, b, _ in table.values())
+    print(f"\n{title}\n")
+    print("| part | forward ms | backward ms | total ms | share | of which casts/copies ms |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for label, (f, b, c) in sorted(table.items(), key=lambda kv: -sum(kv[1][:2])):
+        print(f"| {label} | {f / 1e3:.2f} | {b / 1e3:.2f} | {(f + b) / 1e3:.2f} | {100 * (f + b) / total:.1f}% | {c / 1e3:.2f} |")
+    print(f"| **sum of self times** | {sum(r[0] for r in table.values()) / 1e3:.2f} | "
+          f"{sum(r[1] for r in table.values()) / 1e3:.2f} | {total / 1e3:.2f} | 100% | "
+          f"{sum(r[2] for r in table.values()) / 1e3:.2f} |")
+    print(f"\nWall time per profiled step: {wall_ms:.1f} ms (profiler overhead included).")
+
+
+# ---------------------------------------------------------------------- end to end: a trained checkpoint
+
+class Counted:
+    """A logits function that counts the images it sees with gradients on (forward+backward passes of an
+    attack step) and off (forward-only passes)."""
+
+    def __init__(self, fn):
+        self.fn, self.grad_images, self.forward_images = fn, 0, 0
+
+    def __call__(self, images):
+        if torch.is_grad_enabled():
+            self.grad_images += len(images)
+        else:
+            self.forward_images += len(images)
+        return self.fn(images)
+
+
+def load_trained(checkpoint, dataset, device, precision):
+    """A train.py checkpoint on its backbone (runtime.load_backbone with the checkpoint's arch), twice: ours
+    frozen as evaluate.py freezes it, the peers' with the prompts left trainable as the peers' models are.
+    -> (ours, peers, test set with eval_transform, dataset name); dataset None: the one it was trained on."""
+    ckpt = nap.load_checkpoint(checkpoint)
+    if not ckpt.get("arch"):
+        raise ValueError(f"{checkpoint} names no backbone (no 'arch' entry); give a checkpoint written by train.py")
+    name = dataset or ckpt.get("args", {}).get("dataset")
+    if name is None:
+        raise ValueError(f"{checkpoint} does not record its training dataset; name one with --dataset")
+    test = data.build_dataset(name, None, "test")
+    backbone = runtime.load_backbone(ckpt["arch"], device, precision)
+    test.transform = data.eval_transform(backbone.visual.input_resolution)
+    ours, peers = (nap.from_checkpoint(backbone, ckpt, classnames=test.classnames, transfer=True).to(device).eval()
+                   for _ in range(2))
+    return ours.requires_grad_(False), peers, test, name
+
+
+def eval_subset(n, n_samples, seed):
+    """The test-set indices evaluate.py scores: all n, or the seeded random subset of n_samples (sorted)."""
+    if n_samples is None or n_samples >= n:
+        return list(range(n))
+    return sorted(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:n_samples].tolist())
+
+
+def our_batch(fn, x, y, eps, alpha, steps, seed, early_stop=True):
+    """evaluate.evaluate_batch's PGD: clean prediction, attacks.pgd from its random start (seed), the robust count.
+    -> (clean predictions, predictions on the returned images), [B] each."""
+    with torch.no_grad():
+        clean = fn(x).argmax(1)
+    x_adv = attacks.pgd(fn, x, y, eps, alpha, steps, random_start=True, seed=seed, early_stop=early_stop)
+    with torch.no_grad():
+        return clean, fn(x_adv).argmax(1)
+
+
+def peers_start(x, eps, seed):
+    """The random start attacks.pgd draws for this seed, uniform in the eps ball around x [B, ...], in [0, 1]."""
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    return (x + eps * (2 * torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype) - 1)).clamp(0, 1)
+
+
+def peers_batch(fn, x, y, eps, alpha, steps, seed):
+    """The peers' evaluation of one batch: clean prediction, torchattacks-style PGD (every point every step, the
+    last iterate) from the random start attacks.pgd draws for this seed, the robust count.
+    -> (clean predictions, predictions on the last iterates), [B] each."""
+    with torch.no_grad():
+        clean = fn(x).argmax(1)
+    x_adv = naive_pgd(fn, x, y, eps, alpha, steps, peers_start(x, eps, seed))
+    with torch.no_grad():
+        return clean, fn(x_adv).argmax(1)
+
+
+def bench_e2e(ours_model, peers_model, dataset, indices, batch_size, eps, alpha, steps, seed, device, precision,
+              early_stop=True):
+    """PGD-`steps` evaluation of the images `indices` of dataset, ours (evaluate.py's path; with early_stop=False,
+    the attack without early stopping) and the peers', batch by batch in turns (the first to run alternates);
+    batch b is attacked with seed + b by both. Ours' time includes its one text-feature pass.
+    -> {'ours'|'peers': seconds, passes, per image: clean and robust (bool [N]), clean_pred and adv_pred
+    (predictions on the clean and the returned images)}, plus text_s, n, batches."""
+    batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
+    load = lambda b: (torch.stack([dataset[i][0] for i in b]).to(device), torch.tensor([dataset[i][1] for i in b], device=device))
+    x, y = load(batches[0][:2])  # warm-up (lazy initialisation, kernel choices), not timed
+    our_batch(our_logits(ours_model, device, precision), x, y, eps, alpha, 1, seed, early_stop)
+    peers_batch(peers_logits(peers_model, device, precision), x, y, eps, alpha, 1, seed)
+    (text_s, ours_fn), = _timed([lambda: our_logits(ours_model, device, precision)], 1, device)
+    fns = {"ours": Counted(ours_fn), "peers": Counted(peers_logits(peers_model, device, precision))}
+    run = {"ours": lambda x, y, s: our_batch(fns["ours"], x, y, eps, alpha, steps, s, early_stop),
+           "peers": lambda x, y, s: peers_batch(fns["peers"], x, y, eps, alpha, steps, s)}
+    seconds, clean, adv, labels = {"ours": text_s, "peers": 0.0}, {"ours": [], "peers": []}, {"ours": [], "peers": []}, []
+    for b, idx in enumerate(batches):
+        x, y = load(idx)
+        labels.append(y.cpu())
+        for name in ("ours", "peers") if b % 2 == 0 else ("peers", "ours"):
+            (t, (c, a)), = _timed([lambda: run[name](x, y, seed + b)], 1, device)
+            seconds[name] += t
+            clean[name].append(c.cpu())
+            adv[name].append(a.cpu())
+    y = torch.cat(labels)
+    result = {name: dict(seconds=seconds[name], grad_images=fns[name].grad_images,
+                         forward_images=fns[name].forward_images, clean_pred=torch.cat(clean[name]),
+                         adv_pred=torch.cat(adv[name]),
+                         clean=torch.cat(clean[name]) == y, robust=torch.cat(adv[name]) == y) for name in fns}
+    result.update(text_s=text_s, n=len(indices), batches=len(batches))
+    if result["ours"]["robust"].sum() > result["peers"]["robust"].sum():
+        raise AssertionError(f"ours leaves {int(result['ours']['robust'].sum())} of {len(indices)} points robust, "
+                             f"more than the peers' {int(result['peers']['robust'].sum())}: ours counts a point broken "
+                             "once any iterate fools it, so this is a bug in one of the two paths")
+    return result
+
+
+# ---------------------------------------------------------------------- the GPU suite
+
+@dataclass(frozen=True)
+class Suite:
+    """Sizes of one --gpu-suite run; est_tflops: the throughput the budget assumes (None: no budget)."""
+    arch: str
+    classes: tuple
+    eval_batch: int
+    eval_steps: int
+    train_batch: int
+    train_steps: int
+    step_batch: int
+    step_steps: int
+    profile_batch: int
+    repeats: int
+    compile_backend: str
+    budget_s: float
+    est_tflops: float = None
+    compile_s: float = 0.0
+
+
+SUITES = {
+    # One H100 in at most 8 minutes; the budget assumes 150 TFLOP/s (15% of the fp16 peak) and 150 s of compilation.
+    "h100": Suite("vit-b/16", (10, 100, 1000), 256, 10, 32, 2, 512, 10, 32, 3, "inductor", 450, 150.0, 150.0),
+    # The same parts at ViT-B/16 size with a few iterations each, to time them on a CPU.
+    "cpu-check": Suite("vit-b/16", (10, 100), 2, 1, 2, 1, 2, 1, 2, 1, None, float("inf")),
+    # Every part at tiny size in seconds on a CPU (the test); dynamo with the eager backend stands in for inductor.
+    "tiny": Suite("tiny", (3, 30), 4, 2, 4, 1, 4, 2, 2, 1, "eager", float("inf")),
+}
+
+
+def suite_work(s, image_gflop, forward_gflop, text_gflop_per_class):
+    """{part: (image-steps, forward-only image passes, text-encoder class passes, GFLOP)}: the work of each part of
+    a --gpu-suite run of size s (a text backward counted as two passes)."""
+    r, total_c = s.repeats, sum(s.classes)
+    work = {
+        "text": (0, 0, r * total_c),
+        "eval": ((3 * r + 2) * s.eval_batch * s.eval_steps * len(s.classes), 3 * r * s.eval_batch * len(s.classes),
+                 (r * s.eval_steps + 2) * total_c),
+        "step": ((2 * r + 1) * s.step_batch * s.step_steps, 0, max(s.classes)),
+        "flops": (2, 2, 0),
+        "train": (2 * (r + 1) * s.train_batch * (s.train_steps + 1) * len(s.classes), 0,
+                  (r + 1) * (s.train_steps + 6) * total_c),
+        "profile": (3 * s.profile_batch, 0, max(s.classes)),
+    }
+    return {k: (i, f, t, i * image_gflop + f * forward_gflop + t * text_gflop_per_class) for k, (i, f, t) in work.items()}
+
+
+def suite_estimates(s, work):
+    """Seconds each part is budgeted at s.est_tflops (compilation: s.compile_s more for 'step'); zeros without one."""
+    if s.est_tflops is None:
+        return {k: 0.0 for k in work}
+    return {k: w[3] / 1e3 / s.est_tflops + (s.compile_s if k == "step" else 0.0) for k, w in work.items()}
+
+
+def bench_step(model, batch, steps, device, precision, repeats, compile_backend=None):
+    """Image-steps per second of the attack step alone (attacks.pgd without early stopping, every point every step)
+    on ours' cached logits, eager or through torch.compile(backend); compiled once before the clock starts.
+    -> dict(rate, peak bytes or None, compile seconds)."""
+    fn = our_logits(model, device, precision)
+    compile_s = 0.0
+    if compile_backend:
+        fn = torch.compile(fn, backend=compile_backend)
+    x, y = _images(model, batch, device), torch.arange(batch, device=device) % len(model.classnames)
+    attack = lambda: attacks.pgd(fn, x, y, 1 / 255, 1 / 255, steps, early_stop=False, seed=0)
+    (compile_s, _), = _timed([attack], 1, device)  # warm-up, and compilation where compiled
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    (seconds, _), = _timed([attack], repeats, device)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return dict(rate=batch * steps / seconds, peak=peak, compile_s=compile_s if compile_backend else 0.0)
+
+
+class _Tee:
+    """A stream writing to several streams."""
+
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, text):
+        for stream in self.streams:
+            stream.write(text)
+        return len(text)
+
+    def flush(self):
+        for stream in self.streams:
+            stream.flush()
+
+
+def gpu_suite(size, device, precision, out, peak_tflops=None):
+    """Everything BENCHMARKS.md leaves pending, in one run on one GPU (SUITES[size]); prints one markdown block and
+    rewrites `out` with it after every part (a run cut short keeps what it finished). A part that would overrun the
+    budget is skipped, a part that fails is reported; -> True if every part ran."""
+    s = SUITES[size]
+    text = io.StringIO()
+    ok, start = True, time.monotonic()
+
+    def save():
+        if out:
+            with open(out, "w") as f:
+                f.write(text.getvalue())
+
+    with contextlib.redirect_stdout(_Tee(sys.stdout, text)):
+        print(f"## GPU suite ({size}): {machine(device)}\n")
+        print(f"`python bench.py --gpu-suite {size} --precision {precision}`: {s.arch} CLIP with random weights "
+              f"(runtime.load_backbone), nap preset, {precision} (runtime.autocast), eps 1/255, step 1/255.")
+        backbone = random_clip(s.arch, device, precision)
+        big = prompted(backbone, max(s.classes))
+        forward, backward = image_flops(big)
+        per_class = text_flops(big) / len(big.classnames)
+        work = suite_work(s, (forward + backward) / 1e9, forward / 1e9, per_class / 1e9)
+        estimates = suite_estimates(s, work)
+        print(f"\nWork of each part (image-step {(forward + backward) / 1e9:.2f} GFLOP, forward {forward / 1e9:.2f}, "
+              f"text encoder {per_class / 1e9:.2f} GFLOP per class)"
+              + (f"; budget at {s.est_tflops:g} TFLOP/s, {s.budget_s:g} s in all" if s.est_tflops else "") + ".\n")
+        print("| part | image-steps | forward-only images | text class-passes | TFLOP | budget s |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for k, w in work.items():
+            print(f"| {k} | {w[0]:,} | {w[1]:,} | {w[2]:,} | {w[3] / 1e3:,.1f} | {estimates[k]:.0f} |")
+        took, state = {}, {}
+        peak = peak_tflops or default_peak(device)
+        memory_label = "peak MiB" if device.type == "cuda" else "saved MiB"
+
+        def part_text():
+            state["text"] = bench_text(backbone, s.classes, device, precision, s.repeats)
+            report_text(state["text"])
+
+        def part_eval():
+            state["eval"] = bench_eval(backbone, s.classes, s.eval_batch, s.eval_steps, 1 / 255, device, precision, s.repeats)
+            report_eval(state["eval"], "1/255", memory_label)
+
+        def part_step():
+            rows = [("eager", bench_step(big, s.step_batch, s.step_steps, device, precision, s.repeats))]
+            if s.compile_backend:
+                rows.append((f"torch.compile ({s.compile_backend})", bench_step(big, s.step_batch, s.step_steps, device,
+                                                                             precision, s.repeats, s.compile_backend)))
+            text_rows = state.get("text") or bench_text(backbone, [max(s.classes)], device, precision, 1)
+            text_per_class = text_rows[-1]["seconds"] / text_rows[-1]["classes"]
+            print(f"\nAttack step alone (attacks.pgd without early stopping), {max(s.classes)} classes, batch "
+                  f"{s.step_batch}, PGD-{s.step_steps}, best of {s.repeats}; MFU against {peak or '?'} TFLOP/s; the "
+                  "paper's PGD-100 protocol (131,233 images) projected at this rate, every image all 100 steps (w = 1) "
+                  "and half of them (w = 0.5).\n")
+            print("| attack step | image-steps/s | TFLOP/s | MFU | peak MiB | compile s | PGD-100 protocol, w = 1 | w = 0.5 |")
+            print("|---|---:|---:|---:|---:|---:|---:|---:|")
+            for name, r in rows:
+                achieved = r["rate"] * (forward + backward) / 1e12
+                mfu = f"{100 * achieved / peak:.1f}%" if peak else "-"
+                memory = _mib(r["peak"]) if r["peak"] is not None else "-"
+                projected = [_duration(protocol_seconds(r["rate"], text_per_class, forward + backward, forward, work=w))
+                             for w in (1.0, 0.5)]
+                print(f"| {name} | {r['rate']:,.1f} | {achieved:.2f} | {mfu} | {memory} | {r['compile_s']:.0f} | "
+                      f"{projected[0]} | {projected[1]} |")
+
+        def part_flops():
+            fwd, bwd = attack_step_counted(big, 2, device)
+            report_flops(big, dict(batch=2, forward=fwd, backward=bwd), None, peak)
+
+        def part_train():
+            report_train(bench_train(backbone, s.classes, s.train_batch, s.train_steps, 1 / 255, device, precision,
+                                     s.repeats), memory_label)
+
+        def part_profile():
+            table, wall = bench_profile(backbone, max(s.classes), s.profile_batch, device, precision)
+            report_profile(table, wall, f"Profile of one attack step ({max(s.classes)} classes, batch "
+                                        f"{s.profile_batch}; {'GPU kernel' if device.type == 'cuda' else 'CPU'} self times).")
+
+        parts = {"text": part_text, "eval": part_eval, "step": part_step, "flops": part_flops, "train": part_train,
+                 "profile": part_profile}
+        save()
+        for name, run in parts.items():
+            left = s.budget_s - (time.monotonic() - start)
+            if estimates[name] > left:
+                print(f"\n**{name}: skipped**, budgeted {estimates[name]:.0f} s with {left:.0f} s left.")
+                took[name] = "skipped"
+                continue
+            t0 = time.monotonic()
+            try:
+                run()
+            except Exception as e:  # one failing part (e.g. out of memory) must not cost the others
+                traceback.print_exc(file=sys.stderr)
+                print(f"\n**{name}: failed**: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                ok = False
+            took[name] = f"{time.monotonic() - t0:.0f}"
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            save()
+        print("\n| part | budget s | took s |\n|---|---:|---:|")
+        for name, value in took.items():
+            print(f"| {name} | {estimates[name]:.0f} | {value} |")
+        print(f"\nSuite wall time {time.monotonic() - start:.0f} s (model set-up included).")
+    save()
+    return ok
+
+
 # ---------------------------------------------------------------------- reports
 
 def _mib(nbytes):
@@ -499,6 +947,25 @@ def report_flops(model, counted, eval_row, peak_tflops):
           f"measured here ({eval_row['work']:.2f}, random weights).")
 
 
+def report_e2e(r, title):
+    """The e2e table, then as the last line: 'e2e: ours X s, peers Y s, speed-up Z.ZZx, robust ours A.A%, peers B.B%'."""
+    pct = lambda v: 100 * v.float().mean().item()
+    print(f"\n{title}\n")
+    print("| | wall s | image-steps (forward+backward) | forward-only image passes | clean % | robust % |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name in ("ours", "peers"):
+        o = r[name]
+        print(f"| {name} | {o['seconds']:.2f} | {o['grad_images']:,} | {o['forward_images']:,} | {pct(o['clean']):.1f} | "
+              f"{pct(o['robust']):.1f} |")
+    ours, peers = r["ours"], r["peers"]
+    flipped = int((ours["robust"] & ~peers["robust"]).sum())
+    print(f"\nours: text features once ({r['text_s']:.2f} s, included); work fraction "
+          f"{ours['grad_images'] / max(peers['grad_images'], 1):.3f} of the peers' image-steps; images robust for "
+          f"ours but broken for the peers: {flipped}.")
+    print(f"e2e: ours {ours['seconds']:.1f} s, peers {peers['seconds']:.1f} s, speed-up "
+          f"{peers['seconds'] / ours['seconds']:.2f}x, robust ours {pct(ours['robust']):.1f}%, peers {pct(peers['robust']):.1f}%")
+
+
 def machine(device):
     """One line naming the device, torch, threads, date and the machine's load (other processes slow CPU figures)."""
     if device.type == "cuda":
@@ -517,41 +984,68 @@ def default_peak(device):
     return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 
 
-def main():
-    benches = ("attack", "eval", "train", "text", "flops")
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None):
+    benches = ("attack", "eval", "train", "text", "flops", "profile", "e2e")
+    p = runtime.Parser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny CLIP, small batches, one repeat (CPU, < 2 min)")
-    p.add_argument("--bench", nargs="+", default=list(benches), choices=benches, help="which figures")
+    p.add_argument("--bench", nargs="+", default=list(benches[:5]), choices=benches,
+                   help="which figures (default: attack eval train text flops; profile and e2e on request)")
+    p.add_argument("--gpu-suite", nargs="?", const="h100", default=None, choices=list(SUITES),
+                   help="everything BENCHMARKS.md leaves pending, one markdown block (h100: < 8 min on one H100; "
+                        "cpu-check: the same parts, a few iterations; tiny: seconds on a CPU)")
+    p.add_argument("--out", default=None, help="--gpu-suite: also write the markdown block here")
     p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:N")
-    p.add_argument("--precision", default=None, choices=list(runtime.DTYPES), help="default: bf16 on CUDA, else fp32")
+    p.add_argument("--precision", default=None, choices=list(runtime.DTYPES),
+                   help="default: fp16 on CUDA (fp16 weights, autocast, as runtime.load_backbone casts them), else fp32")
     p.add_argument("--arch", default=None, choices=list(ARCHS), help="default: vit-b/16; tiny with --quick")
     p.add_argument("--classes", type=int, nargs="+", default=[10, 100, 1000])
     p.add_argument("--eval-batch", type=int, default=None, help="default 256; 16 with --quick")
     p.add_argument("--eval-steps", type=int, default=None, help="default 10; 3 with --quick")
     p.add_argument("--train-batch", type=int, default=32)
     p.add_argument("--train-steps", type=int, default=2)
+    p.add_argument("--profile-batch", type=int, default=4, help="profile: images per attack step")
     p.add_argument("--eps", default="1/255")
     p.add_argument("--repeats", type=int, default=None, help="default 3; 1 with --quick")
     p.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
                    help="ours' logits function through torch.compile (MODE: default, reduce-overhead = CUDA graphs, "
                         "max-autotune)")
-    p.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak (default: by name)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense fp16/bf16 peak (default: by name)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's; 1 with --quick, "
                                                              "steady when other processes share the cores)")
-    args = p.parse_args()
+    e2e = p.add_argument_group("e2e: PGD evaluation of a trained checkpoint, ours against the peers'")
+    e2e.add_argument("--checkpoint", default=None, help="a checkpoint.pt written by train.py")
+    e2e.add_argument("--dataset", default=None, help="test set to attack (default: the checkpoint's training set)")
+    e2e.add_argument("--n-samples", type=int, default=None, help="the seeded subset evaluate.py draws (default: all)")
+    e2e.add_argument("--steps", type=int, default=100, help="PGD steps")
+    e2e.add_argument("--alpha", default="1/255", help="PGD step size")
+    e2e.add_argument("--batch-size", type=int, default=256, help="images per batch; batch b is attacked with seed + b")
+    e2e.add_argument("--seed", type=int, default=0, help="subset draw and random starts, as evaluate.py's --seed")
+    e2e.add_argument("--no-early-stop", action="store_true", help="ours without early stopping (then it scores as "
+                                                                   "the peers do)")
+    args = p.parse_args(argv)
+    if "e2e" in args.bench and args.checkpoint is None:
+        p.error("--bench e2e needs --checkpoint (a checkpoint.pt written by train.py)")
+    for flag in ("steps", "batch_size", "n_samples", "profile_batch"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1")
     if args.threads or args.quick:
         torch.set_num_threads(args.threads or 1)
     device = runtime.resolve_device(args.device)
-    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    precision = args.precision or ("fp16" if device.type == "cuda" else "fp32")
+    if args.gpu_suite:
+        if not gpu_suite(args.gpu_suite, device, precision, args.out, args.peak_tflops):
+            sys.exit(1)
+        return
     arch = args.arch or ("tiny" if args.quick else "vit-b/16")
     pick = lambda value, quick, full: value if value is not None else (quick if args.quick else full)
     eval_batch, eval_steps = pick(args.eval_batch, 16, 256), pick(args.eval_steps, 3, 10)
     repeats, eps = pick(args.repeats, 1, 3), attacks.parse_eps(args.eps)
     memory_label = "peak MiB" if device.type == "cuda" else "saved MiB"
-    if device.type == "cpu" and not args.quick and args.eval_batch is None:
+    if device.type == "cpu" and not args.quick and args.eval_batch is None and set(args.bench) & {"eval", "train"}:
         print("note: no GPU; ViT-B/16 at the GPU's batch sizes takes hours on a CPU (see --quick, or the CPU "
               "command in the docstring)", file=sys.stderr)
-    print(f"`python {' '.join(sys.argv)}`: {machine(device)}; {arch} CLIP, nap preset, {precision}"
+    print(f"`python {' '.join(sys.argv)}`: {machine(device)}; {precision}"
+          + ("" if args.bench == ["e2e"] else f"; {arch} CLIP, nap preset")
           + (f", ours compiled ({args.compile})" if args.compile else ""))
 
     if "attack" in args.bench:
@@ -559,7 +1053,7 @@ def main():
             bench_attack_step(batch=16, size=16, steps=10, repeats=1, device=device)
         else:
             bench_attack_step(device=device)
-    backbone = random_clip(arch, device, precision)
+    backbone = random_clip(arch, device, precision) if set(args.bench) - {"attack", "e2e"} else None
     eval_rows = None
     if "eval" in args.bench:
         eval_rows = bench_eval(backbone, args.classes, eval_batch, eval_steps, eps, device, precision, repeats,
@@ -576,7 +1070,25 @@ def main():
         report_flops(model, dict(batch=2, forward=forward, backward=backward),
                      max(eval_rows, key=lambda r: r["classes"]) if eval_rows else None,
                      args.peak_tflops or default_peak(device))
+    if "profile" in args.bench:
+        for n in args.classes:
+            table, wall = bench_profile(backbone, n, args.profile_batch, device, precision)
+            report_profile(table, wall, f"Profile of one attack step of ours ({arch}, {n} classes, batch "
+                                        f"{args.profile_batch}, {precision}; self times, "
+                                        f"{'GPU kernels' if device.type == 'cuda' else 'CPU'}).")
+    if "e2e" in args.bench:  # last: its summary is the last line
+        ours, peers, test, name = load_trained(args.checkpoint, args.dataset, device, precision)
+        alpha = attacks.parse_eps(args.alpha)
+        indices = eval_subset(len(test), args.n_samples, args.seed)
+        result = bench_e2e(ours, peers, test, indices, args.batch_size, eps, alpha, args.steps, args.seed, device,
+                           precision, early_stop=not args.no_early_stop)
+        report_e2e(result, f"PGD-{args.steps} evaluation of {args.checkpoint} on {name} ({len(indices)} test images, "
+                           f"seed {args.seed}), eps {args.eps}, step {args.alpha}, batch {args.batch_size}, random "
+                           "start; batches in turns. ours: evaluate.py's path (text features once, attacks.pgd"
+                           + (" without early stopping" if args.no_early_stop else " with early stopping")
+                           + "); peers: model.forward (text encoder in every forward), every point every step, the "
+                           "last iterate scored (torchattacks' PGD), the same random start.")
 
 
 if __name__ == "__main__":
-    main()
+    runtime.run_cli(main)

@@ -1,8 +1,18 @@
-"""bench.py: the peers' re-creation computes what ours computes; FLOP counts; memory bookkeeping; sane rows."""
+"""bench.py: the peers' re-creation computes what ours computes; FLOP counts; memory bookkeeping; sane rows;
+e2e on a checkpoint (ours = evaluate.py, never more robust, = the peers without early stopping); the GPU suite
+and the profile at tiny size."""
+import argparse
+import re
+
 import pytest
 import torch
 
+import attacks
 import bench
+import evaluate
+import nap
+import runtime
+import synthetic
 from clip.model import CLIP
 
 MICRO = (32, 32, 2, 64, 16, 77, 49408, 32, 1, 2)  # 2 layers per tower, 4 patches
@@ -97,3 +107,122 @@ def test_bench_rows_are_sane(backbone):
     assert all(r["peers_s"] > 0 and r["ours_s"] > 0 and r["peers_mem"] >= r["ours_mem"] > 0 for r in train)
     text = bench.bench_text(backbone, classes, CPU, "fp32", repeats=1)
     assert text[1]["flops"] == 10 * text[0]["flops"] and all(r["seconds"] > 0 for r in text)
+
+
+# ---------------------------------------------------------------------- e2e on a trained-checkpoint layout
+
+TINY32 = (32, 32, 2, 64, 8, 77, 49408, 64, 1, 2)  # 32 px, 16 patches, 2 layers per tower
+E2E_LINE = re.compile(r"^e2e: ours (\d+\.\d) s, peers (\d+\.\d) s, speed-up (\d+\.\d\d)x, "
+                      r"robust ours (\d+\.\d)%, peers (\d+\.\d)%$")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A NAP checkpoint (random prompts, depth 2) on a tiny CLIP saved to a file, recording synthetic as its dataset."""
+    folder = tmp_path_factory.mktemp("e2e")
+    torch.manual_seed(1)  # a random CLIP whose predictions vary with the image (seed 0 predicts one class)
+    weights = str(folder / "tiny.pt")
+    torch.save(CLIP(*TINY32).state_dict(), weights)
+    model = nap.PromptedCLIP(runtime.load_backbone(weights, CPU), synthetic.TASKS["synthetic"], nap.make_config("nap", depth=2))
+    path = str(folder / "checkpoint.pt")
+    nap.save_checkpoint(model, path, arch=weights, args={"dataset": "synthetic"})
+    return path
+
+
+def e2e(checkpoint, early_stop, eps=8 / 255, steps=3):
+    ours, peers, test, name = bench.load_trained(checkpoint, None, CPU, "fp32")
+    indices = bench.eval_subset(len(test), 8, seed=0)
+    return bench.bench_e2e(ours, peers, test, indices, 4, eps, 2 / 255, steps, 0, CPU, "fp32", early_stop=early_stop), \
+        (ours, test, indices)
+
+
+def test_e2e_cli_prints_the_summary_last(checkpoint, capsys):
+    bench.main(["--bench", "e2e", "--checkpoint", checkpoint, "--n-samples", "8", "--steps", "2", "--batch-size", "4",
+                "--eps", "8/255", "--device", "cpu"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    m = E2E_LINE.match(lines[-1])
+    assert m, lines[-1]
+    ours_s, peers_s, speedup, robust_ours, robust_peers = map(float, m.groups())
+    assert robust_ours <= robust_peers and speedup > 0
+    assert any(line.startswith("| ours |") for line in lines) and any(line.startswith("| peers |") for line in lines)
+
+
+def test_e2e_ours_is_evaluate_py_and_never_more_robust(checkpoint):
+    (r, (ours, test, indices)) = e2e(checkpoint, early_stop=True)
+    o, p = r["ours"], r["peers"]
+    assert r["n"] == 8 and r["batches"] == 2
+    assert p["grad_images"] == 8 * 3 and o["grad_images"] <= p["grad_images"]
+    assert o["robust"].sum() <= p["robust"].sum() and torch.equal(o["clean"], p["clean"])
+    assert not (o["robust"] & ~o["clean"]).any()  # a misclassified clean image is never robust for ours
+    # ours scores each batch exactly as evaluate.py does (same subset, same seeds)
+    assert indices == sorted(torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:8].tolist())
+    fn = bench.our_logits(ours, CPU, "fp32")
+    args = argparse.Namespace(attack="pgd", eps=8 / 255, alpha=2 / 255, steps=3)
+    for b in range(2):
+        idx = indices[4 * b:4 * b + 4]
+        x, y = torch.stack([test[i][0] for i in idx]), torch.tensor([test[i][1] for i in idx])
+        counts = evaluate.evaluate_batch(fn, x, y, args, seed=b)
+        assert counts["clean"] == int(o["clean"][4 * b:4 * b + 4].sum())
+        assert counts["robust"] == int(o["robust"][4 * b:4 * b + 4].sum())
+
+
+def test_e2e_without_early_stop_is_the_peers_attack(checkpoint):
+    """Same start, same steps on every point, the last iterate: ours without early stopping makes the peers'
+    adversarial images bit for bit (batch of 4: mean and summed cross-entropy have gradients of the same sign
+    exactly) and predicts what the peers predict on every image."""
+    ours, peers, test, _ = bench.load_trained(checkpoint, None, CPU, "fp32")
+    x = torch.stack([test[i][0] for i in (0, 60, 120, 180)])
+    with torch.no_grad():
+        y = ours(x).argmax(1)  # every point starts correctly classified
+    for seed in (0, 1):
+        mine = attacks.pgd(bench.our_logits(ours, CPU, "fp32"), x, y, 4 / 255, 1 / 255, 3, early_stop=False, seed=seed)
+        theirs = bench.naive_pgd(bench.peers_logits(peers, CPU, "fp32"), x, y, 4 / 255, 1 / 255, 3,
+                                 bench.peers_start(x, 4 / 255, seed))
+        assert torch.equal(mine, theirs)
+        assert (mine - x).abs().max() > 3.5 / 255  # the steps went somewhere
+    (r, _) = e2e(checkpoint, early_stop=False)
+    o, p = r["ours"], r["peers"]
+    assert torch.equal(o["adv_pred"], p["adv_pred"]) and torch.equal(o["robust"], p["robust"])
+    assert o["grad_images"] == p["grad_images"] == 8 * 3 and (p["adv_pred"] != p["clean_pred"]).any()
+
+
+def test_e2e_fails_loudly_when_ours_is_more_robust(checkpoint, monkeypatch):
+    """The invariant is checked: a peers' path that breaks more points than ours can only be a bug."""
+    real = bench.peers_batch
+    monkeypatch.setattr(bench, "peers_batch", lambda fn, x, y, *a: (real(fn, x, y, *a)[0], (y + 1) % 6))
+    with pytest.raises(AssertionError, match="bug"):
+        e2e(checkpoint, early_stop=True, eps=0.0, steps=1)
+
+
+# ---------------------------------------------------------------------- the GPU suite and the profile, tiny
+
+def test_gpu_suite_runs_every_part_tiny(tmp_path):
+    out = tmp_path / "suite.md"
+    assert bench.gpu_suite("tiny", CPU, "fp32", str(out))
+    text = out.read_text()
+    for heading in ("One text-encoder forward", "Evaluation, PGD-2", "Attack step alone", "FLOPs of one attack step",
+                    "Training step", "Profile of one attack step"):
+        assert heading in text, heading
+    assert "torch.compile (eager)" in text and "failed" not in text and "skipped" not in text
+    assert "| counted / analytic at batch 2 | 1.0000 | 1.0000 | 1.0000 |" in text
+
+
+def test_suite_budget_fits_eight_minutes():
+    """The H100 plan: every part's work at the assumed rate (plus compilation) within the budget, < 8 min in all."""
+    s = bench.SUITES["h100"]
+    work = bench.suite_work(s, 87.34, 42.95, 7.2178)
+    estimates = bench.suite_estimates(s, work)
+    assert sum(estimates.values()) < s.budget_s <= 8 * 60
+    assert work["eval"][0] == (3 * 3 + 2) * 256 * 10 * 3  # peers, ours-full, ours per repeat, + 2 memory steps
+
+
+def test_profile_accounts_for_every_op(backbone):
+    """The labelled parts cover the step: attention, MLPs, refiners and norms are found, and the backward
+    ops are attributed to their forward parts (the backward of attention is not 'other')."""
+    table, wall = bench.bench_profile(backbone, 5, 2, CPU, "fp32", steps=1)
+    for label in ("attention", "MLP", "refiners", "layer norms", "visual prompts (maple projection)"):
+        assert label in table, label
+    assert table["attention"][1] > 0 and table["MLP"][1] > 0 and table["refiners"][1] > 0
+    assert table["visual prompts (maple projection)"][1] == 0  # frozen prompts: no backward through them
+    total = sum(f + b for f, b, _ in table.values())
+    assert total < 1e3 * wall * 1.05 and table["MLP"][0] + table["attention"][0] > 0.2 * total / 2
