@@ -6,11 +6,14 @@ images in [0,1] (B, ...) to logits (B, C); put it in eval mode first. x_adv has 
 and device and lies in the eps ball around x (L-inf unless norm="l2") intersected with [0,1].
 Attacks are batched and seeded with a private generator, and stop spending work on a point once
 the model misclassifies it (except pgd(..., early_stop=False), the plain fixed-step version that
-training uses). Gradients are taken in x's float precision (at least float32, also under autocast)
-with torch.autograd.grad w.r.t. the input only, so the model's parameters never get a .grad.
+training uses, also on a loss of its own: pgd(..., loss=...)). Gradients are taken in x's float
+precision (at least float32, also under autocast) with torch.autograd.grad w.r.t. the input only,
+so the model's parameters never get a .grad. Bad arguments (images not floats in [0,1], eps or
+alpha beyond the pixel range, negative counts) are refused with a one-line ValueError.
 shared/ATTACKS.md restates the algorithms; fra31/auto-attack is the reference implementation.
 """
 import math
+import numbers
 from functools import partial
 
 import torch
@@ -18,17 +21,23 @@ import torch.nn.functional as F
 
 
 def parse_eps(s):
-    """Parse a radius in pixel units: "4/255", "0.0039" or 0.0039 -> float in [0, 1]."""
+    """Parse a radius in pixel units: "4/255", "0.0039" or 0.0039 -> float in [0, 1].
+
+    A value above 1 is refused (it would cover the whole pixel range), "8" with a hint to 8/255."""
     text = str(s).strip()
     try:
         num, _, den = text.partition("/")
         value = float(num) / float(den) if den else float(num)
     except (ValueError, ZeroDivisionError):
+        value = math.nan
+    if not math.isfinite(value):
         raise ValueError(f"eps {s!r} is not a number: give a fraction such as '4/255' "
-                         "or a float such as 0.0157") from None
-    if not 0 <= value <= 1:
-        raise ValueError(f"eps {s!r} = {value:g} is outside [0, 1]: eps is measured in pixel "
-                         "units of images in [0,1], e.g. '1/255' or '4/255'")
+                         "or a float such as 0.0157")
+    if value < 0:
+        raise ValueError(f"eps {s!r} is negative; give a radius such as '4/255'")
+    if value > 1:
+        hint = f"did you mean {text}/255?" if not den else "give a radius such as '4/255'"
+        raise ValueError(f"eps {s!r} is larger than the whole [0,1] pixel range; {hint}")
     return value
 
 
@@ -36,20 +45,55 @@ def parse_eps(s):
 
 def _prepare(x, y, eps, norm="linf"):
     """Validate the arguments; return a detached working copy of x (>= float32) and y."""
-    if not torch.is_tensor(x) or not x.is_floating_point():
-        raise ValueError(f"x must be a float tensor of images in [0,1], got {type(x).__name__} "
-                         f"{getattr(x, 'dtype', '')}")
+    if norm not in ("linf", "l2"):
+        raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
+    if not torch.is_tensor(x):
+        raise ValueError(f"images must be a float tensor in [0, 1] (got {type(x).__name__})")
+    if not x.is_floating_point():
+        raise ValueError(f"images must be floats in [0, 1] (got {str(x.dtype)[6:]}); "
+                         "divide by 255")
     if not torch.is_tensor(y) or y.shape != x.shape[:1]:
         raise ValueError(f"y must be a tensor of {len(x)} class indices (one per image), "
                          f"got shape {tuple(getattr(y, 'shape', ()))}")
-    if not eps >= 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
-    if norm not in ("linf", "l2"):
-        raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}")
-    if x.numel() and (x.min() < 0 or x.max() > 1):
-        raise ValueError("x must hold images in [0,1] (normalise inside the model), got values "
-                         f"in [{x.min().item():.3g}, {x.max().item():.3g}]")
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise ValueError(f"y must be integer class indices, got {str(y.dtype)[6:]}")
+    _check_radius("eps", eps, norm, x)
+    if x.numel():
+        lo, hi = torch.stack(torch.aminmax(x.detach())).tolist()  # one sync
+        if math.isnan(lo) or math.isnan(hi):
+            raise ValueError("images must be floats in [0, 1] (got NaN); check how they were made")
+        if lo < 0:
+            raise ValueError(f"images must be floats in [0, 1] (got min {round(lo, 4)}); "
+                             "normalise inside the model, not before the attack")
+        if hi > 1:
+            fix = "divide by 255" if hi > 2 else "clamp them to [0, 1]"
+            raise ValueError(f"images must be floats in [0, 1] (got max {round(hi, 4)}); {fix}")
     return x.detach().to(torch.promote_types(x.dtype, torch.float32)), y.to(x.device).long()
+
+
+def _check_radius(name, value, norm, x):
+    """Refuse an eps or alpha that is not a number in [0, 1] (L2: up to the box's diagonal)."""
+    number = (isinstance(value, numbers.Real) and not isinstance(value, bool)
+              or torch.is_tensor(value) and value.numel() == 1 and value.is_floating_point())
+    if not number or not math.isfinite(value):
+        raise ValueError(f"{name} must be a number in pixel units such as {8 / 255:.5f} (8/255), "
+                         f"got {value!r}")
+    value = float(value)
+    if value < 0:
+        raise ValueError(f"{name}={value:g} must be >= 0 (a radius in pixel units, e.g. 8/255)")
+    if norm == "linf" and value > 1:
+        raise ValueError(f"{name}={value:g} is larger than the whole [0,1] pixel range; "
+                         f"did you mean {value:g}/255?")
+    size = x.shape[1:].numel()  # values per image
+    if norm == "l2" and value > math.sqrt(size):
+        raise ValueError(f"{name}={value:g} is larger than the L2 diameter of the [0,1] box "
+                         f"({math.sqrt(size):.3g} for images of {size} values)")
+
+
+def _check_count(name, value, minimum):
+    """Refuse a step, query, restart, target or EOT count that is not an integer >= minimum."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 def _generator(seed, device):
@@ -164,16 +208,38 @@ def fgsm(model, x, y, eps):
 
 
 def pgd(model, x, y, eps, alpha, steps, random_start=True, norm="linf", early_stop=True, seed=None,
-        x_init=None):
-    """PGD on the cross-entropy (Madry et al.): images (B, ...), labels (B,) -> x_adv (B, ...).
+        x_init=None, loss=None):
+    """PGD on the cross-entropy or a given loss: images (B, ...), labels (B,) -> x_adv (B, ...).
 
-    early_stop=True (evaluation): a point counts as broken once the clean image or any iterate
-    fools the model; it keeps that image and is attacked no further. early_stop=False (training):
-    the plain fixed-step attack on every point, returning the last iterate. seed=None draws the
-    random start from torch's global RNG. x_init, if given, is the starting point instead
-    (projected onto the ball and box), e.g. a start drawn per image so that it does not depend
-    on the batch."""
+    Madry et al. 2018, "Towards Deep Learning Models Resistant to Adversarial Attacks".
+    Distance: L-inf (norm="linf") or L2 (norm="l2"), in pixel units of images in [0,1].
+    Arguments:
+        model: callable images (B, ...) -> logits (B, C); with `loss`, any outputs (B, ...).
+        x: images (B, ...), floats in [0,1]. y: class indices (B,), also handed to `loss`.
+        eps: radius of the ball, e.g. 8/255 (L-inf) or 0.5 (L2). alpha: step size, same units.
+        steps: number of gradient steps (>= 0).
+        random_start (True): start from a uniform point of the L-inf ball (L2: of the sphere).
+        norm ("linf"): "linf" or "l2".
+        early_stop (True, evaluation): a point counts as broken once the clean image or any
+            iterate fools the model; it keeps that image and is attacked no further. False
+            (training): the plain fixed-step attack on every point, returning the last iterate.
+        seed (None): seed of the random start; None draws it from torch's global RNG.
+        x_init (None): starting point (B, ...) instead of the random start, projected onto the
+            ball and box, e.g. a start drawn per image so that it does not depend on the batch.
+        loss (None): None ascends the cross-entropy; else a callable loss(outputs, y) -> (B,),
+            one loss per image, that PGD ascends instead, e.g. a closure for TRADES' KL
+            divergence from the clean prediction or FARE's squared L2 distance to fixed target
+            embeddings. Needs early_stop=False, as the outputs need not be logits.
+    Usage: x_adv = pgd(model, x, y, eps=4/255, alpha=1/255, steps=10)
+    """
     x0, y = _prepare(x, y, eps, norm)
+    _check_radius("alpha", alpha, norm, x)
+    _check_count("steps", steps, 0)
+    loss_fn = _ce if loss is None else _custom_loss(loss, early_stop)
+    if x_init is not None and (not torch.is_tensor(x_init) or x_init.shape != x.shape):
+        got = tuple(x_init.shape) if torch.is_tensor(x_init) else type(x_init).__name__
+        raise ValueError(f"x_init must be a tensor of the images' shape {tuple(x.shape)}, "
+                         f"got {got}")
     if x_init is not None:
         x_adv = _project(x_init.detach().to(x0.dtype), x0, eps, norm)
     elif random_start:
@@ -182,7 +248,7 @@ def pgd(model, x, y, eps, alpha, steps, random_start=True, norm="linf", early_st
         x_adv = x0
     if not early_stop:
         for _ in range(steps):
-            _, g, _ = _loss_grad(model, x_adv, y, _ce)
+            _, g, _ = _loss_grad(model, x_adv, y, loss_fn)
             x_adv = _project(x_adv + alpha * _direction(g, norm), x0, eps, norm)
         return x_adv.to(x.dtype)
     out = x0.clone()
@@ -206,6 +272,25 @@ def pgd(model, x, y, eps, alpha, steps, random_start=True, norm="linf", early_st
             x_adv = _project(x_adv + alpha * _direction(g, norm), x_nat, eps, norm)
     out[i] = x_adv
     return out.to(x.dtype)
+
+
+def _custom_loss(loss, early_stop):
+    """pgd's `loss` as a loss_fn(z, y, t) for _loss_grad, checking it gives one value per image."""
+    if not callable(loss):
+        raise ValueError(f"loss must be a callable loss(outputs, y) -> (B,) losses, or None for "
+                         f"the cross-entropy, got {loss!r}")
+    if early_stop:
+        raise ValueError("pgd with a custom loss needs early_stop=False: early stopping reads the "
+                         "model's outputs as logits, which they need not be")
+
+    def loss_fn(z, y, t=None):
+        value = loss(z, y)
+        if not torch.is_tensor(value) or value.shape != y.shape:
+            shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+            raise ValueError(f"loss must return one loss per image, shape ({len(y)},), "
+                             f"got {shape}")
+        return value
+    return loss_fn
 
 
 # ----------------------------------------------------------------------------- APGD
@@ -273,6 +358,9 @@ def apgd(model, x, y, eps, steps=100, loss="ce", restarts=1, seed=0, norm="linf"
     if loss not in losses:
         raise ValueError(f"loss must be 'ce' or 'dlr', got {loss!r}")
     x0, y = _prepare(x, y, eps, norm)
+    _check_count("steps", steps, 0)
+    _check_count("restarts", restarts, 1)
+    _check_count("eot", eot, 1)
     gen, out = _generator(seed, x.device), x0.clone()
     robust = _predict(model, x0) == y
     for _ in range(restarts):
@@ -288,6 +376,8 @@ def apgd_targeted(model, x, y, eps, steps=100, n_targets=9, seed=0, norm="linf")
     """APGD-T: one APGD run on the targeted DLR loss for each of the n_targets classes ranked
     highest by clean logit after y, each on the points still robust: (B, ...) -> (B, ...)."""
     x0, y = _prepare(x, y, eps, norm)
+    _check_count("steps", steps, 0)
+    _check_count("n_targets", n_targets, 1)
     gen, out = _generator(seed, x.device), x0.clone()
     with torch.no_grad():
         z = model(x0)
@@ -369,6 +459,8 @@ def fab_targeted(model, x, y, eps, steps=100, n_targets=9, early_stop=True):
     closest adversarial found is within eps; others come back unchanged. early_stop=False keeps
     minimising on every point and target (to measure the smallest perturbation, e.g. eps=1)."""
     x0, y = _prepare(x, y, eps)
+    _check_count("steps", steps, 0)
+    _check_count("n_targets", n_targets, 1)
     with torch.no_grad():
         z = model(x0)
     correct = z.argmax(1) == y
@@ -401,6 +493,9 @@ def square(model, x, y, eps, queries=5000, p_init=0.8, seed=0):
     vertical-stripe start, then `queries` square proposals at most per point, each accepted only
     if it lowers the margin: images (B, C, H, W) -> (B, C, H, W)."""
     x0, y = _prepare(x, y, eps)
+    _check_count("queries", queries, 0)
+    if not (isinstance(p_init, numbers.Real) and 0 < p_init <= 1):
+        raise ValueError(f"p_init must be in (0, 1], got {p_init!r}")
     if x0.dim() != 4:
         raise ValueError(f"square needs images shaped (B, C, H, W), got {tuple(x0.shape)}")
     gen, out, (_, c, h, w) = _generator(seed, x.device), x0.clone(), x0.shape
@@ -463,6 +558,8 @@ def autoattack(model, x, y, eps, version="standard", seed=0, steps=100, queries=
     if version not in members:
         raise ValueError(f"version must be 'standard' or 'rand', got {version!r}")
     x0, y = _prepare(x, y, eps)
+    _check_count("steps", steps, 0)
+    _check_count("queries", queries, 0)
     out = x0.clone()
     robust = _predict(model, x0) == y
     info = {"clean": int(robust.sum())}

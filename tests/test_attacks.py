@@ -359,7 +359,7 @@ def test_parse_eps_rejects_garbage_with_a_clear_message(text):
 def test_bad_arguments_raise_clear_errors():
     model, x = tiny_cnn(), images(4)
     y = torch.zeros(4, dtype=torch.long)
-    with pytest.raises(ValueError, match=r"\[0,1\]"):
+    with pytest.raises(ValueError, match=r"images must be floats in \[0, 1\] \(got min -1.0\)"):
         A.pgd(model, x * 2 - 1, y, EPS, EPS, 1)
     with pytest.raises(ValueError, match="class indices"):
         A.apgd(model, x, y[:3], EPS)
@@ -371,3 +371,178 @@ def test_bad_arguments_raise_clear_errors():
         A.autoattack(model, x, y, EPS, version="plus")
     with pytest.raises(ValueError, match="3 classes"):
         A.apgd(lambda v: model(v)[:, :2], x, y, EPS, loss="dlr")
+
+
+def _one_line(e):
+    """The message of a raised error, checked to be a single line."""
+    text = str(e.value)
+    assert "\n" not in text, text
+    return text
+
+
+# each public attack at its entry, with steps and queries small
+ENTRIES = {
+    "fgsm": lambda m, x, y, e: A.fgsm(m, x, y, e),
+    "pgd": lambda m, x, y, e: A.pgd(m, x, y, e, 1 / 255, 1),
+    "apgd": lambda m, x, y, e: A.apgd(m, x, y, e, steps=1),
+    "apgd_targeted": lambda m, x, y, e: A.apgd_targeted(m, x, y, e, steps=1),
+    "fab_targeted": lambda m, x, y, e: A.fab_targeted(m, x, y, e, steps=1),
+    "square": lambda m, x, y, e: A.square(m, x, y, e, queries=1),
+    "autoattack": lambda m, x, y, e: A.autoattack(m, x, y, e, steps=1, queries=1),
+}
+
+
+@pytest.mark.parametrize("name", ENTRIES)
+def test_images_must_be_floats_in_unit_range(name):
+    model, x = tiny_cnn(), images(4)
+    y = torch.zeros(4, dtype=torch.long)
+    with pytest.raises(ValueError) as e:
+        ENTRIES[name](model, (x * 255).round().to(torch.uint8), y, EPS)
+    assert _one_line(e) == "images must be floats in [0, 1] (got uint8); divide by 255"
+    with pytest.raises(ValueError) as e:
+        ENTRIES[name](model, (x * 255).round(), y, EPS)
+    assert _one_line(e) == "images must be floats in [0, 1] (got max 255.0); divide by 255"
+    with pytest.raises(ValueError) as e:
+        ENTRIES[name](model, x * 2 - 1, y, EPS)
+    assert _one_line(e).startswith("images must be floats in [0, 1] (got min -1.0)")
+    assert "normalise inside the model" in str(e.value)
+    nan = x.clone()
+    nan[1, 0, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"images must be floats in \[0, 1\] \(got NaN\)"):
+        ENTRIES[name](model, nan, y, EPS)
+    with pytest.raises(ValueError, match=r"images must be a float tensor .*\(got list\)"):
+        ENTRIES[name](model, x.tolist(), y, EPS)
+
+
+@pytest.mark.parametrize("name", ENTRIES)
+def test_eps_beyond_the_pixel_range_or_negative_is_refused(name):
+    model, x = tiny_cnn(), images(4)
+    y = torch.zeros(4, dtype=torch.long)
+    with pytest.raises(ValueError) as e:
+        ENTRIES[name](model, x, y, 8)
+    assert _one_line(e) == "eps=8 is larger than the whole [0,1] pixel range; did you mean 8/255?"
+    with pytest.raises(ValueError) as e:
+        ENTRIES[name](model, x, y, -1 / 255)
+    assert _one_line(e).startswith("eps=-0.00392157 must be >= 0")
+    for bad in ("8/255", None, float("nan")):
+        with pytest.raises(ValueError, match="eps.*number"):
+            ENTRIES[name](model, x, y, bad)
+
+
+def test_alpha_is_checked_like_eps():
+    model, x = tiny_cnn(), images(4)
+    y = torch.zeros(4, dtype=torch.long)
+    with pytest.raises(ValueError) as e:
+        A.pgd(model, x, y, EPS, 2, 10)
+    assert _one_line(e) == "alpha=2 is larger than the whole [0,1] pixel range; did you mean 2/255?"
+    with pytest.raises(ValueError, match="alpha=-0.1 must be >= 0"):
+        A.pgd(model, x, y, EPS, -0.1, 10)
+    with pytest.raises(ValueError, match="alpha.*number"):
+        A.pgd(model, x, y, EPS, "1/255", 10)
+
+
+def test_l2_radius_is_bounded_by_the_box_diagonal():
+    model, x = tiny_cnn(), images(4)
+    y = labels_mostly_right(model, x)
+    x_adv = A.pgd(model, x, y, 3.0, 1.5, 2, norm="l2", seed=0)   # 3 > 1 is a fine L2 radius
+    assert ((x_adv - x).flatten(1).norm(dim=1) <= 3.0 + 1e-5).all() and (x_adv != x).any()
+    with pytest.raises(ValueError) as e:
+        A.pgd(model, x, y, 20.0, 1.0, 2, norm="l2")
+    assert _one_line(e).startswith("eps=20 is larger than the L2 diameter of the [0,1] box "
+                                   "(13.9 for images of 192 values)")
+    with pytest.raises(ValueError, match="eps=20 is larger"):
+        A.apgd(model, x, y, 20.0, norm="l2")
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m, x, y: A.pgd(m, x, y, EPS, EPS, -1), "steps must be an integer >= 0, got -1"),
+    (lambda m, x, y: A.pgd(m, x, y, EPS, EPS, 2.5), "steps must be an integer >= 0, got 2.5"),
+    (lambda m, x, y: A.pgd(m, x, y, EPS, EPS, "10"), "steps must be an integer >= 0, got '10'"),
+    (lambda m, x, y: A.apgd(m, x, y, EPS, steps=-5), "steps must be an integer >= 0, got -5"),
+    (lambda m, x, y: A.apgd(m, x, y, EPS, restarts=0), "restarts must be an integer >= 1, got 0"),
+    (lambda m, x, y: A.apgd(m, x, y, EPS, eot=0), "eot must be an integer >= 1, got 0"),
+    (lambda m, x, y: A.apgd_targeted(m, x, y, EPS, n_targets=0),
+     "n_targets must be an integer >= 1, got 0"),
+    (lambda m, x, y: A.apgd_targeted(m, x, y, EPS, steps=-1), "steps must be an integer >= 0"),
+    (lambda m, x, y: A.fab_targeted(m, x, y, EPS, n_targets=-2),
+     "n_targets must be an integer >= 1, got -2"),
+    (lambda m, x, y: A.fab_targeted(m, x, y, EPS, steps=-1), "steps must be an integer >= 0"),
+    (lambda m, x, y: A.square(m, x, y, EPS, queries=-1), "queries must be an integer >= 0, got -1"),
+    (lambda m, x, y: A.square(m, x, y, EPS, p_init=0), "p_init must be in (0, 1], got 0"),
+    (lambda m, x, y: A.autoattack(m, x, y, EPS, steps=-1), "steps must be an integer >= 0"),
+    (lambda m, x, y: A.autoattack(m, x, y, EPS, queries=-1), "queries must be an integer >= 0"),
+    (lambda m, x, y: A.pgd(m, x, y.float(), EPS, EPS, 1), "y must be integer class indices"),
+    (lambda m, x, y: A.pgd(m, x, y, EPS, EPS, 1, x_init=x[:2]),
+     "x_init must be a tensor of the images' shape (4, 3, 8, 8), got (2, 3, 8, 8)"),
+])
+def test_bad_counts_are_one_line_errors(call, message):
+    model, x = tiny_cnn(), images(4)
+    y = torch.zeros(4, dtype=torch.long)
+    with pytest.raises(ValueError) as e:
+        call(model, x, y)
+    assert message in _one_line(e)
+
+
+def test_parse_eps_suggests_the_fraction_for_a_whole_number():
+    with pytest.raises(ValueError) as e:
+        A.parse_eps("8")
+    assert _one_line(e) == "eps '8' is larger than the whole [0,1] pixel range; did you mean 8/255?"
+    with pytest.raises(ValueError) as e:
+        A.parse_eps("256/255")
+    assert "larger than the whole [0,1] pixel range" in _one_line(e) and "did you mean" not in str(e.value)
+    for text in ("nan", "inf", "-inf", "1/0"):
+        with pytest.raises(ValueError, match="is not a number"):
+            A.parse_eps(text)
+    with pytest.raises(ValueError, match=r"eps '-1/255' is negative"):
+        A.parse_eps("-1/255")
+
+
+# ----------------------------------------------------------------------------- pgd(loss=...)
+
+def test_pgd_with_per_sample_ce_loss_equals_the_default():
+    model, x = tiny_cnn(), images()
+    y = labels_mostly_right(model, x)
+    ce = lambda z, t: F.cross_entropy(z, t, reduction="none")
+    default = A.pgd(model, x, y, EPS, EPS / 4, 5, early_stop=False, seed=3)
+    custom = A.pgd(model, x, y, EPS, EPS / 4, 5, early_stop=False, seed=3, loss=ce)
+    assert torch.equal(custom, default) and not torch.equal(default, x)
+    l2 = A.pgd(model, x, y, 0.5, 0.1, 5, norm="l2", early_stop=False, seed=3)
+    assert torch.equal(A.pgd(model, x, y, 0.5, 0.1, 5, norm="l2", early_stop=False, seed=3, loss=ce), l2)
+
+
+def test_pgd_ascends_a_custom_embedding_loss():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 3 * 8 * 8, generator=g, dtype=torch.float64)
+    embed = lambda v: v.flatten(1) @ w.T                       # a linear "embedding" model (N, 16)
+    x = images(12, dtype=torch.float64)
+    y = torch.zeros(12, dtype=torch.long)                      # unused by the loss
+    target = embed(x) + torch.randn(12, 16, generator=g, dtype=torch.float64)
+    sq_dist = lambda e, _: ((e - target) ** 2).sum(1)          # FARE-style loss, (N,)
+    start = (x + EPS * (2 * torch.rand(x.shape, generator=g, dtype=x.dtype) - 1)).clamp(0, 1)
+    # one step: the gradient of ||W v - t||^2 is 2 W^T (W v - t), so the step is its sign
+    grad = (2 * (embed(start) - target) @ w).view_as(x)
+    expected = torch.min(torch.max(start + EPS / 4 * grad.sign(), x - EPS), x + EPS).clamp(0, 1)
+    one = A.pgd(embed, x, y, EPS, EPS / 4, 1, early_stop=False, x_init=start, loss=sq_dist)
+    assert torch.allclose(one, expected, atol=1e-12)
+    # more steps: the distance grows step after step and the iterates stay in the ball and box
+    dist = [sq_dist(embed(start), y)]
+    for steps in (1, 2, 4, 8):
+        x_adv = A.pgd(embed, x, y, EPS, EPS / 4, steps, early_stop=False, x_init=start, loss=sq_dist)
+        assert within_ball(x_adv, x, EPS, "linf") and x_adv.min() >= 0 and x_adv.max() <= 1
+        dist.append(sq_dist(embed(x_adv), y))
+    assert all((b > a).all() for a, b in zip(dist, dist[1:]))
+    assert (dist[-1] > 2 * dist[0]).all()
+
+
+def test_pgd_custom_loss_argument_checks():
+    model, x = tiny_cnn(), images(4)
+    y = torch.zeros(4, dtype=torch.long)
+    ce = lambda z, t: F.cross_entropy(z, t, reduction="none")
+    with pytest.raises(ValueError) as e:
+        A.pgd(model, x, y, EPS, EPS, 1, loss=ce)   # early_stop defaults to True
+    assert "early_stop=False" in _one_line(e)
+    with pytest.raises(ValueError, match="loss must be a callable"):
+        A.pgd(model, x, y, EPS, EPS, 1, early_stop=False, loss="kl")
+    with pytest.raises(ValueError) as e:
+        A.pgd(model, x, y, EPS, EPS, 1, early_stop=False, loss=lambda z, t: ce(z, t).sum())
+    assert "one loss per image, shape (4,), got ()" in _one_line(e)
