@@ -5,6 +5,11 @@ cache folder and checked against the SHA256 in its URL) or a path to a local fil
 OpenAI's TorchScript archive or a plain state_dict. The model it returns is this package's
 `CLIP` module, never a TorchScript one. `image_transform(n, normalize=False)` is the same
 pipeline without the normalisation, for code that keeps images in [0, 1].
+
+`load(..., vision_weights=FILE)` then replaces the image encoder with a robust one (TeCoA, FARE,
+QT-AFT, a fine-tuned train.py checkpoint; see vision_weights.py), strictly, leaving the text tower
+as loaded; `load_vision_weights(model, FILE)` does the same on a loaded model and returns the
+file's SHA256.
 """
 import hashlib
 import os
@@ -18,8 +23,10 @@ from tqdm import tqdm
 
 from .model import CLIP, build_model, convert_weights
 from .tokenizer import tokenize
+from .vision_weights import load_vision_weights, load_visual_state_dict, read_vision_state_dict
 
-__all__ = ["available_models", "load", "build_model", "tokenize", "image_transform", "CLIP", "MEAN", "STD"]
+__all__ = ["available_models", "load", "build_model", "tokenize", "image_transform", "load_vision_weights",
+           "read_vision_state_dict", "CLIP", "MEAN", "STD"]
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
@@ -49,6 +56,7 @@ def cache_dir(download_root: str = None) -> str:
 
 
 def sha256_of(path: str) -> str:
+    """The SHA256 hex digest of a file's bytes, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -117,13 +125,16 @@ def read_state_dict(path: str) -> dict:
 
 
 def load(name: str, device="cuda" if torch.cuda.is_available() else "cpu", jit: bool = False,
-         download_root: str = None, dtype: torch.dtype = None):
+         download_root: str = None, dtype: torch.dtype = None, vision_weights: str = None):
     """A model name or file path -> (CLIP model in eval mode on device, preprocess for PIL images).
 
     dtype defaults to OpenAI's choice: float32 on the CPU, float16 (conv/linear weights) on CUDA.
+    vision_weights: a file whose image encoder replaces the model's, every key and shape matched
+    (vision_weights.py lists the formats); the text tower stays as loaded.
     """
     if jit:
         raise ValueError("jit=True is not supported: this package returns its own CLIP module; call load(name) instead")
+    visual = None if vision_weights is None else read_vision_state_dict(vision_weights)  # bad files fail before a download
     if name in _MODELS:
         path = download(_MODELS[name], cache_dir(download_root))
     elif os.path.isfile(name):
@@ -135,4 +146,6 @@ def load(name: str, device="cuda" if torch.cuda.is_available() else "cpu", jit: 
     model = build_model(read_state_dict(path), dtype=torch.float32)
     if dtype != torch.float32:
         convert_weights(model, dtype)
+    if visual is not None:
+        load_visual_state_dict(model, visual, source=vision_weights)
     return model.to(device), image_transform(model.visual.input_resolution)
