@@ -10,7 +10,9 @@ Three kinds of dataset, all returning (image, int label) with `.classnames` and 
 Class names are CoOp's, underscores read as spaces. ImageNet's val set serves as its test (and
 val) split, as in CoOp; the four ImageNet variants are test-only. Transforms follow CoOp/MaPLe
 (bicubic): random resized crop + flip for training, resize + centre crop for evaluation, with
-no normalisation (the model normalises).
+no normalisation (the model normalises). A malformed split or list file, an image that cannot be
+decoded, a folder with a single class or with two class folders that read as the same prompt is
+refused with a one-line ValueError (FileNotFoundError for what is missing) naming the file.
 """
 import json
 import os
