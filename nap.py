@@ -14,6 +14,12 @@ drives its blocks from outside:
 Images are in [0, 1]; normalisation happens inside. Text features do not depend on the image:
 `text_features()` computes them once, `logits(images, text_features)` reuses them, and
 `logits_fn()` returns a plain callable for attacks. Checkpoints hold only the trainable tensors.
+
+To use this file alone, copy it next to any `clip` package with OpenAI's layout (OpenAI's own
+package or this project's clip/): it needs only `clip.tokenize` and the attributes every
+OpenAI-layout CLIP has (conv1, class_embedding, positional_embedding, ln_pre, transformer.resblocks,
+ln_post, proj; token_embedding, positional_embedding, transformer.resblocks, ln_final,
+text_projection, logit_scale, context_length), whose blocks take tokens as [length, batch, width].
 """
 import os
 from dataclasses import asdict, dataclass, fields, replace
@@ -22,12 +28,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import clip
-from clip.model import VisionTransformer
+from clip import tokenize
 
 COUPLINGS = ("independent", "maple")
 REFINE = ("none", "vision", "text", "both")
 REFINER_INITS = ("default", "zero")
+FINETUNE = ("none", "vision")
+MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's image normalisation (OpenAI's preprocess)
+STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass(frozen=True)
@@ -43,12 +51,14 @@ class PromptConfig:
     refine: str = "both"              # TokenRefiners on: none / vision / text / both
     refiner_hidden: float = 2.0       # refiner hidden width = refiner_hidden * token width
     refiner_init: str = "default"     # default (nn.Linear's) or zero (refiner starts as the identity)
+    finetune: str = "none"            # none (CLIP frozen) or vision: the whole image encoder trains (TeCoA, FARE)
 
     def __post_init__(self):
         checks = [
             (self.coupling in COUPLINGS, f"coupling must be one of {COUPLINGS}, got {self.coupling!r}"),
             (self.refine in REFINE, f"refine must be one of {REFINE}, got {self.refine!r}"),
             (self.refiner_init in REFINER_INITS, f"refiner_init must be one of {REFINER_INITS}, got {self.refiner_init!r}"),
+            (self.finetune in FINETUNE, f"finetune must be one of {FINETUNE}, got {self.finetune!r}"),
             (self.text_ctx >= 0 and self.vision_ctx >= 0, "text_ctx and vision_ctx must be >= 0"),
             (self.depth >= 1, f"depth must be >= 1, got {self.depth}"),
             (self.refiner_hidden > 0, f"refiner_hidden must be > 0, got {self.refiner_hidden}"),
@@ -81,6 +91,11 @@ PRESETS = {
     "advvlp": PromptConfig("advvlp", text_ctx=2, vision_ctx=2, depth=9, coupling="independent", refine="none"),
     "advmaple": PromptConfig("advmaple", text_ctx=2, vision_ctx=2, depth=9, coupling="maple", refine="none"),
     "nap": PromptConfig("nap", text_ctx=2, vision_ctx=2, depth=9, coupling="maple", refine="both"),
+    # fine-tuning baselines: no prompts, the image encoder itself is trained (their losses differ: recipes.py)
+    "tecoa": PromptConfig("tecoa", text_ctx=0, vision_ctx=0, depth=1, coupling="independent", refine="none",
+                          template="This is a photo of a {}", finetune="vision"),  # TeCoA's training prompt
+    "fare": PromptConfig("fare", text_ctx=0, vision_ctx=0, depth=1, coupling="independent", refine="none",
+                         finetune="vision"),
 }
 
 
@@ -117,7 +132,21 @@ def prompt_init(n: int, width: int) -> nn.Parameter:
 
 def n_init_tokens(cfg: PromptConfig) -> int:
     """How many tokens the context-initialisation words take."""
-    return len(clip.tokenizer.get_tokenizer().encode(cfg.ctx_init)) if cfg.ctx_init else 0
+    return int((tokenize(cfg.ctx_init)[0] > 0).sum()) - 2 if cfg.ctx_init else 0  # less SOS and EOT
+
+
+def is_vit(clip_model: nn.Module) -> bool:
+    """True for a ViT image encoder (tokens that can be prompted), False for a ResNet."""
+    return hasattr(clip_model.visual, "class_embedding")
+
+
+def check_images(images: torch.Tensor):
+    """Refuses images that are not floats in [0, 1] (uint8, or 0..255 floats): one line saying how to fix it."""
+    if not torch.is_floating_point(images):
+        raise ValueError(f"images must be floats in [0, 1], got {images.dtype}; convert with images.float() / 255")
+    if images.numel() and images.detach().amax() > 1 + 1e-6:
+        raise ValueError(f"images must be in [0, 1] (the model normalises them), got values up to "
+                         f"{images.detach().amax().item():.4g}; divide by 255")
 
 
 def text_template(cfg: PromptConfig) -> str:
@@ -132,19 +161,21 @@ class PromptedCLIP(nn.Module):
 
     def __init__(self, clip_model: nn.Module, classnames, cfg: PromptConfig = PRESETS["nap"]):
         super().__init__()
-        is_vit = isinstance(clip_model.visual, VisionTransformer)
-        if not is_vit and (cfg.vision_ctx > 0 or cfg.refine in ("vision", "both")):
+        vit = is_vit(clip_model)
+        if not vit and (cfg.vision_ctx > 0 or cfg.refine in ("vision", "both")):
             raise ValueError(f"method {cfg.method!r} prompts the image encoder, which needs a ViT CLIP; "
                              f"this one has a ResNet image encoder (use zeroshot or advpt, or a ViT model)")
-        if cfg.depth > clip_model.transformer.layers or (is_vit and cfg.depth > clip_model.visual.transformer.layers):
+        if cfg.depth > clip_model.transformer.layers or (vit and cfg.depth > clip_model.visual.transformer.layers):
             raise ValueError(f"depth {cfg.depth} exceeds the number of transformer layers of this CLIP")
         self.clip = clip_model.requires_grad_(False).eval()
+        if cfg.finetune == "vision":
+            self.clip.visual.requires_grad_(True)
         self.cfg = cfg
         d_text = clip_model.ln_final.weight.shape[0]
-        d_vision = clip_model.visual.conv1.out_channels if is_vit else None
+        d_vision = clip_model.visual.conv1.out_channels if vit else None
         self.widths = {"text": d_text, "vision": d_vision}
-        self.register_buffer("mean", torch.tensor(clip.MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(clip.STD).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1), persistent=False)
         self.set_classnames(classnames)
 
         n, deep = cfg.text_ctx, cfg.depth - 1
@@ -169,12 +200,19 @@ class PromptedCLIP(nn.Module):
 
     def set_classnames(self, classnames):
         """Sets the classes to score (zero-shot transfer swaps them); underscores become spaces."""
-        classnames = [str(c).replace("_", " ") for c in classnames]
+        if isinstance(classnames, (str, bytes)) or not all(isinstance(c, str) for c in classnames):
+            raise ValueError(f"classnames must be a list of class-name strings, e.g. ['cat', 'dog'], "
+                             f"got {type(classnames).__name__} {str(classnames)[:40]!r}")
+        classnames = [c.replace("_", " ") for c in classnames]
+        if len(set(c.lower() for c in classnames)) < len(classnames):
+            dup = sorted({c for c in classnames if [d.lower() for d in classnames].count(c.lower()) > 1})
+            raise ValueError(f"classnames give the same prompt twice ({', '.join(dup[:4])}): CLIP's tokenizer ignores "
+                             f"case and underscores; rename the classes so that each prompt is distinct")
         if not classnames:
             raise ValueError("classnames is empty: give the names of the classes to score")
         self.classnames = classnames
         template = text_template(self.cfg)
-        tokens = clip.tokenize([template.format(c) for c in classnames], context_length=self.clip.context_length)
+        tokens = tokenize([template.format(c) for c in classnames], context_length=self.clip.context_length)
         self.register_buffer("tokens", tokens.to(self.clip.token_embedding.weight.device), persistent=False)
 
     def train(self, mode: bool = True):
@@ -184,8 +222,12 @@ class PromptedCLIP(nn.Module):
         return self
 
     def trainable_state_dict(self) -> dict:
-        """The learnable tensors only (prompts, projections, refiners), detached, on the CPU."""
-        return {k: v.detach().cpu() for k, v in self.state_dict().items() if not k.startswith("clip.")}
+        """The learnable tensors only (prompts, projections, refiners; the image encoder if fine-tuned), detached, on the CPU."""
+        return {k: v.detach().cpu() for k, v in self.state_dict().items() if self.is_trained(k)}
+
+    def is_trained(self, key: str) -> bool:
+        """Whether a state_dict key is learned by this method (and so saved in its checkpoints)."""
+        return not key.startswith("clip.") or (self.cfg.finetune == "vision" and key.startswith("clip.visual."))
 
     # ------------------------------------------------------------------ prompts per layer
 
@@ -207,44 +249,85 @@ class PromptedCLIP(nn.Module):
         """Text features for the current prompts: [n_classes, embed_dim], unit norm."""
         model, tokens, n = self.clip, self.tokens, self.cfg.text_ctx
         prompts, refiners = self.text_prompts(), getattr(self, "text_refiners", None)
-        h = model.embed_text(tokens)  # [C, L, D]
+        dtype = model.text_projection.dtype  # the blocks' dtype (fp16 for OpenAI's CUDA weights)
+        h = model.token_embedding(tokens).to(dtype) + model.positional_embedding.to(dtype)  # [C, L, D]
         if prompts:
-            pos = model.positional_embedding[1:1 + n].to(h.dtype)
-            ctx = (prompts[0].to(h.dtype) + pos).expand(len(tokens), -1, -1)
-            h = torch.cat([h[:, :1], ctx, h[:, 1 + n:]], dim=1)
-        h = h.transpose(0, 1)  # [L, C, D]
+            pos = model.positional_embedding[1:1 + n].to(dtype)
+            ctx = (prompts[0].to(dtype) + pos).expand(len(tokens), -1, -1)  # [C, n, D]
+            h = torch.cat([h[:, :1],        # SOS        [C, 1, D]
+                           ctx,             # context    [C, n, D]
+                           h[:, 1 + n:]],   # class, EOT [C, L-1-n, D]
+                          dim=1)
+        h = h.transpose(0, 1)  # NLD -> LND
         for i, block in enumerate(model.transformer.resblocks):
             if 1 <= i < self.cfg.depth:
                 if refiners is not None:
                     h = refiners[i - 1](h) if n == 0 else torch.cat([refiners[i - 1](h[:1]), h[1:1 + n], refiners[i - 1](h[1 + n:])])
                 if self.cfg.deep_text:
-                    h = torch.cat([h[:1], prompts[i].to(h.dtype).unsqueeze(1).expand(-1, h.shape[1], -1), h[1 + n:]])
+                    h = torch.cat([h[:1],                                                   # SOS     [1, C, D]
+                                   prompts[i].to(h.dtype).unsqueeze(1).expand(-1, h.shape[1], -1),  # fresh   [n, C, D]
+                                   h[1 + n:]])                                              # the rest
             h = block(h)
-        return F.normalize(model.text_head(h.transpose(0, 1), tokens).float(), dim=-1)
+        h = model.ln_final(h.transpose(0, 1)).to(dtype)  # LND -> NLD
+        eot = h[torch.arange(len(tokens)), tokens.argmax(dim=-1)]  # the EOT token has the largest id: [C, D]
+        return F.normalize((eot @ model.text_projection).float(), dim=-1)
+
+    def embed_patches(self, images: torch.Tensor) -> torch.Tensor:
+        """Images [N, 3, R, R] in [0, 1] -> tokens [N, 1 + (R/patch)^2, width] before ln_pre, in float32.
+
+        The normalisation and the patch embedding always run in float32, outside autocast: at eps
+        1/255 the perturbation is about 1% of a token's size, and rounding x + delta to 16 bits
+        before the patch embedding would distort it by several percent (bf16: ~14%).
+        """
+        visual = self.clip.visual
+        with torch.autocast(images.device.type, enabled=False):
+            x = (images.float() - self.mean) / self.std
+            x = F.conv2d(x, visual.conv1.weight.float(), stride=visual.conv1.stride)  # [N, width, g, g]
+            x = x.flatten(2).transpose(1, 2)  # [N, g*g, width]
+            cls = visual.class_embedding.float().expand(len(x), 1, -1)  # [N, 1, width]
+            return torch.cat([cls, x], dim=1) + visual.positional_embedding.float()
 
     def encode_image(self, images: torch.Tensor, return_layers: bool = False):
-        """Images [N, 3, R, R] in [0, 1] -> unit-norm features [N, embed_dim] (and block outputs of layers 1..depth)."""
+        """Images [N, 3, R, R] in [0, 1] -> unit-norm features [N, embed_dim] (and the curriculum loss's block outputs)."""
+        features, layers = self.image_embedding(images, return_layers=True)
+        features = F.normalize(features, dim=-1)
+        return (features, layers) if return_layers else features
+
+    def image_embedding(self, images: torch.Tensor, return_layers: bool = False):
+        """Images [N, 3, R, R] in [0, 1] -> image features [N, embed_dim], not normalised (and block outputs).
+
+        The block outputs are those the curriculum loss compares [D]: blocks 1..depth-1 and the
+        last block, each [N, L, width] with the prompt tokens.
+        """
+        check_images(images)
         visual = self.clip.visual
-        x = (images - self.mean) / self.std
-        if not isinstance(visual, VisionTransformer):
-            features = F.normalize(visual(x.type(self.clip.dtype)).float(), dim=-1)
+        if not is_vit(self.clip):  # ResNet: no tokens to prompt
+            features = visual(((images - self.mean) / self.std).to(visual.conv1.weight.dtype)).float()
             return (features, []) if return_layers else features
         prompts, refiners, n = self.vision_prompts(), getattr(self, "vision_refiners", None), self.cfg.vision_ctx
-        h = visual.embed(x)
+        h = self.embed_patches(images)  # [N, 1 + g*g, width], float32
         if prompts:
-            h = torch.cat([h, prompts[0].to(h.dtype).expand(len(h), -1, -1)], dim=1)
-        h = visual.ln_pre(h).transpose(0, 1)  # [L, N, D]
-        layers = []
-        for i, block in enumerate(visual.transformer.resblocks):
+            h = torch.cat([h,                                              # CLS + patches [N, 1+g*g, D]
+                           prompts[0].to(h.dtype).expand(len(h), -1, -1)],  # prompts       [N, n, D]
+                          dim=1)
+        h = visual.ln_pre(h)
+        if not torch.is_autocast_enabled(h.device.type):  # without autocast the blocks need their weights' dtype
+            h = h.to(visual.proj.dtype)
+        h = h.transpose(0, 1)  # NLD -> LND
+        layers, blocks = [], visual.transformer.resblocks
+        for i, block in enumerate(blocks):
             if 1 <= i < self.cfg.depth:
-                body = h[:len(h) - n]
+                body = h[:len(h) - n]  # CLS + patches (the prompts are the last n tokens)
                 if refiners is not None:
                     body = refiners[i - 1](body)
-                h = torch.cat([body, prompts[i].to(h.dtype).unsqueeze(1).expand(-1, h.shape[1], -1)]) if prompts else body
+                if prompts:
+                    body = torch.cat([body, prompts[i].to(h.dtype).unsqueeze(1).expand(-1, h.shape[1], -1)])
+                h = body
             h = block(h)
-            if return_layers and i < self.cfg.depth:
+            if return_layers and (i < self.cfg.depth - 1 or i == len(blocks) - 1):
                 layers.append(h.transpose(0, 1))
-        features = F.normalize(visual.head(h.transpose(0, 1)).float(), dim=-1)
+        x = visual.ln_post(h[0])  # CLS: [N, width]
+        features = (x.to(visual.proj.dtype) @ visual.proj).float()
         return (features, layers) if return_layers else features
 
     # ------------------------------------------------------------------ classifier
@@ -271,12 +354,12 @@ class PromptedCLIP(nn.Module):
 # ---------------------------------------------------------------------- parameter counts
 
 def count_parameters(model: PromptedCLIP) -> dict:
-    """Trainable parameters by kind: {'prompts': n, 'refiners': n, 'total': n}."""
-    counts = {"prompts": 0, "refiners": 0}
+    """Trained parameters by kind: {'prompts': n, 'refiners': n, 'encoder': n, 'total': n}."""
+    counts = {"prompts": 0, "refiners": 0, "encoder": 0}
     for name, p in model.named_parameters():
-        if p.requires_grad:
-            counts["refiners" if "refiners" in name else "prompts"] += p.numel()
-    counts["total"] = counts["prompts"] + counts["refiners"]
+        if model.is_trained(name):
+            counts["encoder" if name.startswith("clip.") else "refiners" if "refiners" in name else "prompts"] += p.numel()
+    counts["total"] = counts["prompts"] + counts["refiners"] + counts["encoder"]
     return counts
 
 
@@ -292,8 +375,13 @@ def atomic_save(obj, path: str):
     """torch.save to a temporary file beside path, then rename: a crash never leaves a half-written file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk or an interrupt: no half-written file is left behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def save_checkpoint(model: PromptedCLIP, path: str, **extra):
@@ -308,6 +396,9 @@ def load_checkpoint(path: str) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
+        if "weights_only" in str(e):
+            raise ValueError(f"checkpoint {path} holds Python objects besides tensors; it is not a weights file this "
+                             f"project can load safely (give a checkpoint.pt written by train.py)") from None
         raise ValueError(f"checkpoint {path} cannot be read ({type(e).__name__}); the file is corrupt or not a "
                          f"checkpoint written by train.py") from None
     if not isinstance(ckpt, dict) or not {"config", "classnames", "trainable"} <= set(ckpt):
@@ -315,13 +406,15 @@ def load_checkpoint(path: str) -> dict:
     return ckpt
 
 
-def from_checkpoint(clip_model: nn.Module, ckpt: dict, classnames=None, transfer: bool = False) -> PromptedCLIP:
+def from_checkpoint(clip_model: nn.Module, ckpt: dict, classnames=None, transfer: bool = False,
+                    template: str = None) -> PromptedCLIP:
     """Rebuilds the prompted model on clip_model from a checkpoint dict.
 
     By default it scores the classes it was trained on; other class names need transfer=True, the
-    explicit zero-shot transfer path (prompts and refiners are class-agnostic).
+    explicit zero-shot transfer path (prompts and refiners are class-agnostic). template replaces
+    the class prompt of methods without learned text (zeroshot, tecoa, fare).
     """
-    cfg = PromptConfig(**ckpt["config"])
+    cfg = PromptConfig(**{**ckpt["config"], **({"template": template} if template else {})})
     if classnames is not None and [str(c).replace("_", " ") for c in classnames] != list(ckpt["classnames"]) and not transfer:
         raise ValueError(f"the checkpoint was trained on {len(ckpt['classnames'])} other classes "
                          f"({', '.join(ckpt['classnames'][:3])}, ...); pass transfer=True to score new classes zero-shot")

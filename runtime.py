@@ -6,10 +6,12 @@ RANK / WORLD_SIZE / LOCAL_RANK select the process's share of the work.
 """
 import argparse
 import contextlib
+import errno
 import json
 import os
 import random
 import sys
+import traceback
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +20,15 @@ import torch.distributed as dist
 
 import clip
 
-USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError, KeyError)
+
+
+class RunError(Exception):
+    """A condition of the run the user can act on (a NaN loss, a failed sub-command): one line, no traceback."""
+
+
+# What a user can cause: bad values, missing or unwritable files, a full disk. RuntimeError, KeyError,
+# TypeError and the rest are bugs and keep their traceback.
+USER_ERRORS = (ValueError, OSError, RunError)
 
 
 def fail(message: str, code: int = 2):
@@ -55,14 +65,62 @@ def eps_arg(text: str) -> float:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def run_cli(main):
-    """Runs main(), turning the errors a user can cause into one line and exit status 2."""
+def run_cli(main, interrupted: str = "interrupted; finished work is kept: run the same command again to resume"):
+    """Runs main(), turning the errors a user can cause into one line and exit status 2 (bugs keep their traceback)."""
     try:
         main()
     except KeyboardInterrupt:
-        fail("interrupted; finished work is kept, run the same command again to resume", 130)
+        fail(interrupted, 130)
+    except torch.OutOfMemoryError:
+        traceback.print_exc()
+        fail("out of memory: try a smaller --batch-size (or --precision fp16 on a GPU)", 1)
     except USER_ERRORS as e:
-        fail(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            fail(f"no space left on the device{' writing ' + e.filename if e.filename else ''}; free some space "
+                 f"and run the same command again (finished work is kept)")
+        fail(one_line(e))
+
+
+def one_line(e: BaseException) -> str:
+    """An exception's message as one line (its first), or its type's name when it has none."""
+    text = str(e).strip()
+    if isinstance(e, OSError) and e.strerror and e.filename:
+        text = f"{e.filename}: {e.strerror}"
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def check_writable(path: str, folder: bool) -> str:
+    """Refuses an output path that cannot be written before any work starts; returns it.
+
+    folder=True: path is (or will be) a folder; folder=False: path is a file, its folder must be writable.
+    """
+    flag = "--out"
+    if folder and os.path.isfile(path):
+        raise ValueError(f"{flag} {path} is a file; give a folder (it will be created)")
+    if not folder and os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is a folder; give a file name such as {os.path.join(path, 'results.json')}")
+    target = path if folder else os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(target, exist_ok=True)
+        probe = os.path.join(target, f".write-test-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("x")
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"{flag} {path} cannot be written ({e.strerror or e}); choose another {flag}") from None
+    return path
+
+
+_HASHES = {}  # (path, size, mtime) -> SHA256: a file is hashed once per process however often it is named
+
+
+def sha256_file(path: str) -> str:
+    """The SHA256 of a file's contents (hex)."""
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        _HASHES[key] = clip.sha256_of(path)
+    return _HASHES[key]
 
 
 # ---------------------------------------------------------------------- distributed
@@ -79,12 +137,16 @@ class World:
 
 
 def init_world(device: str) -> World:
-    """Joins torchrun's process group when launched by torchrun (nccl on CUDA, gloo on CPU); else a world of one."""
+    """Joins torchrun's process group when launched by torchrun (nccl on this rank's GPU, gloo on the CPU); else a world of one."""
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return World()
     world = World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.device(device).type == "cuda" else "gloo")
+        rank_device = resolve_device(device, world)  # 'auto' resolves per rank
+        if rank_device.type == "cuda":
+            dist.init_process_group("nccl", device_id=rank_device)
+        else:
+            dist.init_process_group("gloo")
     return world
 
 
@@ -98,12 +160,20 @@ def resolve_device(name: str, world: World = World()) -> torch.device:
     """'auto' -> cuda (this rank's GPU) if available, else cpu; anything else as given, checked."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r}: only cpu and cuda are supported; use auto, cpu, cuda or cuda:N")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
         if device.index is None:
             device = torch.device("cuda", world.local_rank % torch.cuda.device_count())
+        if device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s); use cuda:0 .. "
+                             f"cuda:{torch.cuda.device_count() - 1}")
         torch.cuda.set_device(device)
     return device
 
@@ -113,6 +183,19 @@ def resolve_device(name: str, world: World = World()) -> torch.device:
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+EVAL_EPS = 1 / 255  # evaluate.py's default radius: the paper's, for every backbone (the toy included)
+
+
+def resolve_precision(precision: str, device: torch.device, eps: float = None) -> str:
+    """'auto' -> fp16 on a GPU (the peers' precision), fp32 on the CPU; a one-line warning for bf16 below 4/255."""
+    if precision == "auto":
+        precision = "fp16" if device.type == "cuda" else "fp32"
+    if precision == "bf16" and eps is not None and eps < 4 / 255 - 1e-9:
+        print(f"warning: bf16 keeps 8 significant bits, too few for a perturbation of {eps * 255:.3g}/255 inside the "
+              f"blocks; --precision fp16 (or fp32) keeps it", file=sys.stderr)
+    return precision
+
+
 def autocast(device: torch.device, precision: str):
     """An autocast context for bf16/fp16, a null context for fp32."""
     if precision == "fp32":
@@ -120,35 +203,62 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=DTYPES[precision])
 
 
-# Defaults of train.py's (and evaluate.py's --eps) flags that depend on the backbone.
-# "paper": the baselines' protocol [B]: 16 shots, SGD 0.0035, 100 epochs, CE on PGD images, eps 1/255.
-# "toy": the offline toy world at eps 4/255. There, CE on PGD images drives every method to uniform
-# logits (the loss sits at ln(classes)), so the toy trains with NAP's curriculum loss [D] and AdamW
-# on all 100 training images per class (README, "Offline replication at toy scale").
-PROTOCOLS = {"paper": dict(shots=16, epochs=100, optimizer="sgd", lr=0.0035, loss="adv", eps=1 / 255),
-             "toy": dict(shots=100, epochs=30, optimizer="adamw", lr=1e-3, loss="curriculum", eps=4 / 255)}
-
-
-def protocol(arch: str) -> dict:
-    """The default training settings for a backbone: PROTOCOLS['toy'] for the toy CLIP, else the paper's."""
-    return PROTOCOLS["toy" if arch == "toy" else "paper"]
-
-
 def default_arch(dataset: str) -> str:
     """The toy CLIP for the synthetic tasks, ViT-B/16 (the paper's backbone) for everything else."""
     return "toy" if dataset.startswith("synthetic") else "ViT-B/16"
 
 
-def load_backbone(arch: str, device: torch.device, precision: str = "fp32"):
-    """'toy', an OpenAI model name or a weights file -> frozen CLIP on device, weights in the run's precision."""
+def backbone_file(arch: str):
+    """The weights file behind an arch: the toy's cached file, a path itself; None for OpenAI's names
+    (clip.load checks their files against the SHA256 in the download URL)."""
+    if arch == "toy":
+        import toyclip
+        return os.path.join(clip.cache_dir(), toyclip.ToyConfig().name())
+    return None if arch in clip.available_models() else arch
+
+
+def load_backbone(arch: str, device: torch.device, precision: str = "fp32", vision_weights: str = None):
+    """'toy', an OpenAI model name or a weights file (+ robust image encoder weights) -> frozen CLIP on device.
+
+    Under fp16/bf16 the weights are cast as OpenAI's release casts them, except the patch embedding,
+    which stays float32 (PromptedCLIP computes the normalisation and the patch embedding in float32).
+    """
     if arch == "toy":
         import toyclip
         model, _ = toyclip.load(device="cpu")
     else:
         model, _ = clip.load(arch, device="cpu", dtype=torch.float32)
+    if vision_weights:
+        clip.load_vision_weights(model, vision_weights)
     if precision != "fp32":
+        conv1 = model.visual.conv1.weight.detach().clone()
         clip.model.convert_weights(model, DTYPES[precision])
+        if hasattr(model.visual, "class_embedding"):  # ViT: the patch embedding stays float32
+            model.visual.conv1.weight.data = conv1
     return model.to(device).requires_grad_(False).eval()
+
+
+def backbone_record(arch: str, vision_weights: str = None) -> dict:
+    """What identifies a backbone's weights: {arch, arch_sha256, vision_weights, vision_sha256} (hashes of the files)."""
+    path = backbone_file(arch)
+    return {"arch": arch, "arch_sha256": sha256_file(path) if path and os.path.isfile(path) else None,
+            "vision_weights": os.path.abspath(vision_weights) if vision_weights else None,
+            "vision_sha256": sha256_file(vision_weights) if vision_weights else None}
+
+
+def check_backbone(saved: dict, arch: str, vision_weights: str = None):
+    """Refuses to rebuild a checkpoint's backbone from files that differ from those it was trained on."""
+    for key, path, flag in (("arch", backbone_file(arch), "--arch"), ("vision", vision_weights, "--vision-weights")):
+        want = saved.get(f"{key}_sha256")
+        if want is None:
+            continue
+        if not path or not os.path.isfile(path):
+            raise FileNotFoundError(f"the checkpoint was trained with {saved.get(key if key == 'arch' else 'vision_weights')} "
+                                    f"(SHA256 {want[:12]}...), which is gone; give the same weights with {flag} FILE")
+        got = sha256_file(path)
+        if got != want:
+            raise ValueError(f"{flag} {path} has SHA256 {got[:12]}..., but the checkpoint was trained with "
+                             f"SHA256 {want[:12]}...; give the same weights with {flag} FILE")
 
 
 # ---------------------------------------------------------------------- seeds

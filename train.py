@@ -1,16 +1,20 @@
-"""train.py: adversarial prompt tuning of a frozen CLIP (NAP-Tuning and the baselines).
+"""train.py: adversarial training of CLIP's prompts (NAP-Tuning and the prompt baselines) or its image encoder (TeCoA, FARE).
 
     python train.py                                             # toy CLIP on the synthetic task, offline
     python train.py --dataset imagenet --arch ViT-B/16 --method nap
+    python train.py --method advmaple --recipe nap              # a baseline with NAP's recipe
     torchrun --nproc_per_node 8 train.py --dataset imagenet     # data-parallel, same results
 
-Each step makes adversarial images against the current prompted model (L-inf PGD, random start),
-with the text features computed once and reused by every PGD iteration, then updates the prompts
-and refiners on the chosen loss. `--out/checkpoint.pt` is written atomically after every epoch;
-`--resume` continues from it and reaches the same result as an uninterrupted run. Augmentation
-and PGD starts are drawn per image from (seed, epoch, index), so the result does not depend on
-the number of processes or loader workers.
+Each method trains with its source's recipe (recipes.py: loss, optimiser, schedule, data budget
+and training attack); every flag overrides its part. Each step makes adversarial images against
+the current model (L-inf PGD in pixel space) with the text features computed once and reused by
+every PGD iteration, then updates the trained tensors on the recipe's loss. `--out/checkpoint.pt`
+is written atomically after every epoch; `--resume` continues exactly that run (it refuses other
+settings) and reaches the same result as an uninterrupted run. Augmentation and PGD starts are
+drawn per image from (seed, epoch, index), so the result does not depend on the number of
+processes or loader workers.
 """
+import copy
 import math
 import os
 import time
@@ -24,67 +28,88 @@ from tqdm import tqdm
 import attacks
 import data
 import nap
+import recipes
 import runtime
 
-LOSSES = ("adv", "half", "trades", "curriculum")
-
-
-def protocol_help(flag: str, text: str = "") -> str:
-    """--help text naming a flag's default under the paper's protocol and under the toy one."""
-    paper, toy = runtime.PROTOCOLS["paper"][flag], runtime.PROTOCOLS["toy"][flag]
-    show = lambda v: f"{round(v * 255)}/255" if flag == "eps" else v
-    return f"{text}(default: {show(paper)}; {show(toy)} with --arch toy)"
+LOSSES = ("adv", "half", "trades", "curriculum", "fare")
+STARTS = ("random", "clean")
+# Flags that do not change the trained model or its schedule; every other one must match on --resume.
+RUN_ONLY = ("workers", "device", "out", "resume")
 
 
 def parse_args(argv=None):
-    p = runtime.Parser(description=__doc__.split("\n")[0])
+    p = runtime.Parser(description=__doc__.split("\n")[0], epilog=recipe_epilog())
     p.add_argument("--dataset", default="synthetic", help="a dataset name (see data.py), synthetic[-task], or a folder of class folders")
     p.add_argument("--data-root", default=None, help="where the datasets lie (default: $NAP_DATA, else ./data)")
     p.add_argument("--arch", default=None, help="toy, an OpenAI model name (ViT-B/16, ...) or a weights file "
                                                 "(default: toy for synthetic data, else ViT-B/16)")
+    p.add_argument("--vision-weights", default=None, metavar="FILE",
+                   help="replace the image encoder with these weights (TeCoA, FARE, QT-AFT files, or a tecoa/fare checkpoint.pt)")
     p.add_argument("--method", default="nap", choices=list(nap.PRESETS), help="a preset of nap.PRESETS")
+    p.add_argument("--recipe", default=None, choices=list(recipes.RECIPES),
+                   help="train with this source's recipe (default: the method's own, recipes.METHOD_RECIPE)")
     p.add_argument("--n-ctx", type=int, default=None, help="text and visual context length (default: the preset's)")
-    p.add_argument("--depth", type=int, default=None, help="prompted layers J (default: the preset's)")
+    p.add_argument("--depth", type=int, default=None, help="prompted layers J (default: the preset's, scaled to the backbone)")
     p.add_argument("--coupling", default=None, choices=nap.COUPLINGS, help="(default: the preset's)")
     p.add_argument("--refine", default=None, choices=nap.REFINE, help="TokenRefiners (default: the preset's)")
     p.add_argument("--refiner-init", default=None, choices=nap.REFINER_INITS, help="(default: the preset's)")
-    p.add_argument("--shots", type=int, default=None, help=protocol_help("shots", "training images per class "))
-    p.add_argument("--epochs", type=int, default=None, help=protocol_help("epochs"))
-    p.add_argument("--batch-size", type=int, default=32, help="global batch size (split across torchrun processes)")
-    p.add_argument("--optimizer", default=None, choices=("sgd", "adamw"), help=protocol_help("optimizer"))
-    p.add_argument("--lr", type=float, default=None, help=protocol_help("lr"))
-    p.add_argument("--weight-decay", type=float, default=5e-4, help="decoupled for adamw")
-    p.add_argument("--warmup-epochs", type=int, default=1, help="epochs at --warmup-lr before the cosine schedule")
-    p.add_argument("--warmup-lr", type=float, default=1e-5, help="learning rate of the warm-up epochs")
-    p.add_argument("--augment", default=None, choices=("crop-flip", "none"),
-                   help="random resized crop + flip, or none (default: none for synthetic tasks, whose single "
-                        "object a 0.08-area crop would cut away; crop-flip otherwise)")
-    p.add_argument("--eps", type=runtime.eps_arg, default=None, help=protocol_help("eps", "L-inf radius in pixels "))
-    p.add_argument("--alpha", type=runtime.eps_arg, default=None, help="PGD step size (default: eps)")
-    p.add_argument("--steps", type=int, default=2, help="PGD steps per training batch")
-    p.add_argument("--loss", default=None, choices=LOSSES, help=protocol_help("loss"))
-    p.add_argument("--beta", type=float, default=6.0, help="TRADES weight of KL(adv || clean)")
+    r = "(default: the recipe's)"
+    p.add_argument("--shots", type=int, default=None, help=f"training images per class {r}")
+    p.add_argument("--epochs", type=int, default=None, help=r)
+    p.add_argument("--batch-size", type=int, default=None, help=f"global batch size, split across torchrun processes {r}")
+    p.add_argument("--optimizer", default=None, choices=("sgd", "adamw"), help=r)
+    p.add_argument("--lr", type=float, default=None, help=f"peak learning rate {r}")
+    p.add_argument("--weight-decay", type=float, default=None, help=f"decoupled for adamw {r}")
+    p.add_argument("--warmup-epochs", type=int, default=None, help=f"epochs at --warmup-lr before the cosine schedule {r}")
+    p.add_argument("--warmup-lr", type=float, default=None, help=f"learning rate of the warm-up epochs {r}")
+    p.add_argument("--augment", default=None, choices=("crop-flip", "none"), help=f"random resized crop + flip, or none {r}")
+    p.add_argument("--eps", type=runtime.eps_arg, default=None, help=f"training attack's L-inf radius in pixels {r}")
+    p.add_argument("--alpha", type=runtime.eps_arg, default=None, help="PGD step size (default: the recipe's, "
+                                                                      "scaled with --eps)")
+    p.add_argument("--steps", type=int, default=None, help=f"PGD steps per training batch {r}")
+    p.add_argument("--start", default=None, choices=STARTS, help=f"PGD start: uniform in the ball, or the clean image {r}")
+    p.add_argument("--loss", default=None, choices=LOSSES, help=r)
+    p.add_argument("--beta", type=float, default=None, help=f"TRADES weight of KL(clean || adv) {r}")
+    p.add_argument("--clean-weight", type=float, default=None, help=f"tecoa/fare: weight of the clean term {r}")
     p.add_argument("--seed", type=int, default=1, help="few-shot draw, initialisation, augmentation and PGD starts")
-    p.add_argument("--precision", default="fp32", choices=list(runtime.DTYPES), help="backbone weights and autocast")
+    p.add_argument("--precision", default="auto", choices=["auto", *runtime.DTYPES],
+                   help="auto: fp16 autocast on a GPU (with a gradient scaler), fp32 on the CPU")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--workers", type=int, default=4, help="data loader processes")
     p.add_argument("--out", default=None, help="output folder (default: runs/<method>-<dataset>)")
-    p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out/checkpoint.pt (same settings)")
     args = p.parse_args(argv)
     args.arch = args.arch or runtime.default_arch(args.dataset)
-    for flag, value in runtime.protocol(args.arch).items():
+    if args.method == "zeroshot":
+        p.error("method 'zeroshot' has nothing to train; evaluate it with evaluate.py --method zeroshot")
+    recipe = recipes.recipe_for(args.method, args.recipe, toy=args.arch == "toy")
+    args.recipe = args.recipe or recipes.METHOD_RECIPE[args.method]
+    if args.alpha is None and args.eps is not None:  # the recipe's step, as a fraction of the radius actually used
+        args.alpha = args.eps * recipe.alpha / recipe.eps
+    for flag, value in recipes.as_dict(recipe).items():
         if getattr(args, flag) is None:
             setattr(args, flag, value)
-    args.augment = args.augment or ("none" if args.dataset.startswith("synthetic") else "crop-flip")
-    args.alpha = args.eps if args.alpha is None else args.alpha
     args.out = args.out or os.path.join("runs", f"{args.method}-{os.path.basename(os.path.normpath(args.dataset))}")
     checks = [(args.epochs >= 1, "--epochs must be >= 1"), (args.batch_size >= 1, "--batch-size must be >= 1"),
               (args.steps >= 0, "--steps must be >= 0"), (args.lr > 0, "--lr must be > 0"),
-              (args.shots >= 1, "--shots must be >= 1"), (args.workers >= 0, "--workers must be >= 0")]
+              (args.shots >= 1, "--shots must be >= 1"), (args.workers >= 0, "--workers must be >= 0"),
+              (args.depth is None or args.depth >= 1, "--depth must be >= 1 (1 prompts the first layer only)"),
+              (args.n_ctx is None or args.n_ctx >= 1, "--n-ctx must be >= 1"),
+              (args.warmup_epochs >= 0, "--warmup-epochs must be >= 0"), (args.warmup_lr > 0, "--warmup-lr must be > 0"),
+              (args.weight_decay >= 0, "--weight-decay must be >= 0"), (args.beta >= 0, "--beta must be >= 0"),
+              (0 <= args.clean_weight <= 1, "--clean-weight must be in [0, 1]"),
+              (args.loss != "fare" or nap.PRESETS[args.method].finetune == "vision",
+               f"--loss fare trains the image encoder; use --method fare or tecoa, not {args.method}")]
     for ok, message in checks:
         if not ok:
             p.error(message)
     return args
+
+
+def recipe_epilog() -> str:
+    """--help's closing lines: which recipe each method trains with by default."""
+    pairs = ", ".join(f"{m}: {r}" for m, r in recipes.METHOD_RECIPE.items())
+    return f"Recipes (recipes.py): {pairs}. --arch toy changes {', '.join(recipes.TOY)} for every recipe."
 
 
 # ---------------------------------------------------------------------- data: per-image seeded views
@@ -110,54 +135,96 @@ class SeededViews(Dataset):
 
 
 def epoch_batches(n: int, batch_size: int, epoch: int, seed: int, world: runtime.World) -> list:
-    """This process's share of the epoch's global batches: a seeded permutation, full batches only."""
+    """This process's share of the epoch's global batches: [(dataset indices, clean mask for the `half` loss)].
+
+    A seeded permutation cut into full global batches (one batch of everything when n < batch_size);
+    process r takes its slice of each. The clean mask marks the images in the first half of the
+    global batch, so N processes split clean and adversarial images exactly as one process does.
+    """
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
-    if n < batch_size:  # fewer images than one batch: a single batch of all of them
-        return [perm[world.rank::world.size]]
-    lo, hi = world.rank * (batch_size // world.size), (world.rank + 1) * (batch_size // world.size)
-    return [perm[s + lo: s + hi] for s in range(0, n - batch_size + 1, batch_size)]
+    if n < batch_size:
+        batches = [perm]
+        positions = lambda g: range(world.rank, len(g), world.size)
+    else:
+        batches = [perm[s:s + batch_size] for s in range(0, n - batch_size + 1, batch_size)]
+        share = batch_size // world.size
+        positions = lambda g: range(world.rank * share, (world.rank + 1) * share)
+    return [([g[i] for i in positions(g)], torch.tensor([i < len(g) // 2 for i in positions(g)])) for g in batches]
 
 
-def make_loader(views: SeededViews, epoch: int, args, world, device) -> DataLoader:
+def make_loader(views: SeededViews, epoch: int, args, world, device):
+    """(x, y, noise, clean mask) batches of this process for one epoch."""
     views.epoch = epoch
-    return DataLoader(views, batch_sampler=epoch_batches(len(views), args.batch_size, epoch, args.seed, world),
-                      num_workers=args.workers, pin_memory=device.type == "cuda")
+    batches = epoch_batches(len(views), args.batch_size, epoch, args.seed, world)
+    loader = DataLoader(views, batch_sampler=[b for b, _ in batches], num_workers=args.workers,
+                        pin_memory=device.type == "cuda")
+    return ((x, y, noise, mask) for (x, y, noise), (_, mask) in zip(loader, batches))
 
 
 # ---------------------------------------------------------------------- one training step
 
 class AdversarialStep(torch.nn.Module):
-    """forward(x, y, noise, epoch) -> (loss, clean logits, adversarial logits) for one batch; DDP wraps this."""
+    """forward(x, y, noise, clean_mask, epoch) -> (loss, clean logits, adversarial logits) for one batch; DDP wraps this.
+
+    noise [N, 3, R, R] in [-1, 1] is the image's own PGD start; clean_mask [N] marks the images the
+    `half` loss keeps clean (the first half of the global batch, whichever process holds them).
+    """
 
     def __init__(self, model: nap.PromptedCLIP, args):
         super().__init__()
         self.model, self.args = model, args
+        if args.loss == "fare":  # f0: a frozen copy of the encoder as it was before training
+            self.reference = copy.deepcopy(model.clip.visual).requires_grad_(False)
 
-    def attack(self, x, y, noise, text_features):
+    def attack(self, fn, x, y, noise, loss=None):
+        """PGD from the recipe's start: [N, 3, R, R] -> x_adv (fixed steps, last iterate, as in training)."""
         a = self.args
         if a.steps == 0:
             return x
-        fn = lambda images: self.model.logits(images, text_features.detach())
-        start = (x + a.eps * noise).clamp(0, 1)
-        return attacks.pgd(fn, x, y, a.eps, a.alpha, a.steps, random_start=False, early_stop=False, x_init=start)
+        start = (x + a.eps * noise).clamp(0, 1) if a.start == "random" else x
+        return attacks.pgd(fn, x, y, a.eps, a.alpha, a.steps, random_start=False, early_stop=False, x_init=start, loss=loss)
 
-    def forward(self, x, y, noise, epoch: int):
+    def forward(self, x, y, noise, clean_mask, epoch: int):
         a, model = self.args, self.model
         text = model.text_features()  # once per step; the PGD iterations reuse it without a graph
-        if a.loss == "half":  # half the batch clean, half adversarial, one cross-entropy
-            h = len(x) // 2
-            x_adv = torch.cat([x[:h], self.attack(x[h:], y[h:], noise[h:], text)])
-            logits = model.logits(x_adv, text)
-            return F.cross_entropy(logits, y), logits[:h], logits[h:]
-        x_adv = self.attack(x, y, noise, text)
-        if a.loss == "adv":
+        logits_fn = lambda images: model.logits(images, text.detach())
+        if a.loss == "half":  # [B]: half of the global batch clean, half adversarial, one cross-entropy
+            adv = ~clean_mask
+            x_in = x.clone()
+            if adv.any():
+                x_in[adv] = self.attack(logits_fn, x[adv], y[adv], noise[adv])
+            logits = model.logits(x_in, text)
+            return F.cross_entropy(logits, y), logits[clean_mask], logits[adv]
+        if a.loss == "trades":  # [B] trades.py: the attack ascends KL(f(x) || f(x')) from x + 0.001 N(0, 1)
+            clean = model.logits(x, text)
+            p_clean = F.softmax(clean.detach(), 1)
+            kl = lambda z, _: F.kl_div(F.log_softmax(z, 1), p_clean, reduction="none").sum(1)
+            gauss = torch.special.erfinv(noise.clamp(-1 + 1e-6, 1 - 1e-6)) * 2 ** 0.5  # N(0, 1) from the uniform noise
+            start = (x + 0.001 * gauss).clamp(0, 1)
+            x_adv = attacks.pgd(logits_fn, x, y, a.eps, a.alpha, a.steps, random_start=False, early_stop=False,
+                                x_init=start, loss=kl) if a.steps else x
             adv = model.logits(x_adv, text)
-            return F.cross_entropy(adv, y), None, adv
-        if a.loss == "trades":
-            clean, adv = model.logits(x, text), model.logits(x_adv, text)
-            kl = F.kl_div(F.log_softmax(adv, 1), F.log_softmax(clean, 1), log_target=True, reduction="batchmean")
-            return F.cross_entropy(clean, y) + a.beta * kl, clean, adv
-        # curriculum: ((T-e)/T) CE(clean) + (e/T) (CE(adv) + sum_l (1 - cos(H_l(x), H_l(x_adv))))
+            loss = F.kl_div(F.log_softmax(adv, 1), F.softmax(clean, 1), reduction="batchmean")
+            return F.cross_entropy(clean, y) + a.beta * loss, clean, adv
+        if a.loss == "fare":  # [F]: ||f(x') - f0(x)||^2, x' maximising the same distance
+            with torch.no_grad():
+                target = self.reference(((x - model.mean) / model.std).to(model.clip.visual.proj.dtype)).float()
+            dist = lambda e, _: (e.float() - target).pow(2).sum(1)
+            x_adv = self.attack(model.image_embedding, x, y, noise, loss=dist)
+            loss = dist(model.image_embedding(x_adv), y).mean()
+            if a.clean_weight:
+                loss = a.clean_weight * dist(model.image_embedding(x), y).mean() + (1 - a.clean_weight) * loss
+            with torch.no_grad():  # accuracies for the log only
+                return loss, logits_fn(x), logits_fn(x_adv)
+        x_adv = self.attack(logits_fn, x, y, noise)
+        if a.loss == "adv":  # CE on adversarial images (the paper's objective; TeCoA [T])
+            adv = model.logits(x_adv, text)
+            loss = F.cross_entropy(adv, y)
+            if a.clean_weight:
+                clean = model.logits(x, text)
+                return a.clean_weight * F.cross_entropy(clean, y) + (1 - a.clean_weight) * loss, clean, adv
+            return loss, None, adv
+        # curriculum [D]: ((T-e)/T) CE(clean) + (e/T) (CE(adv) + sum_l (1 - cos(H_l(x), H_l(x_adv))))
         f_clean, h_clean = model.encode_image(x, return_layers=True)
         f_adv, h_adv = model.encode_image(x_adv, return_layers=True)
         scale = model.clip.logit_scale.exp().float()
@@ -194,32 +261,80 @@ def make_optimizer(params, args):
 
 # ---------------------------------------------------------------------- checkpoints
 
-RESUME_KEYS = ("dataset", "arch", "method", "n_ctx", "depth", "coupling", "refine", "refiner_init", "shots", "seed")
-
-
 def load_resume(path: str, args):
-    """The checkpoint to resume from, checked against this run's arguments."""
+    """The checkpoint to resume from; every setting that shapes the model or its schedule must equal the saved one."""
     ckpt = nap.load_checkpoint(path)
     saved = ckpt.get("args", {})
-    changed = [k for k in RESUME_KEYS if k in saved and saved[k] != getattr(args, k)]
+    mine = {k: v for k, v in vars(args).items() if k not in RUN_ONLY}
+    changed = [k for k in mine if saved.get(k, "(not recorded)") != mine[k]]
     if changed:
-        flags = ", ".join("--" + k.replace("_", "-") + f" {saved[k]}" for k in changed)
-        raise ValueError(f"{path} was trained with other settings ({flags}); "
-                         f"resume with the same settings or choose another --out")
+        flags = ", ".join(f"--{k.replace('_', '-')} {show(k, saved.get(k, '(not recorded)'))} (now {show(k, mine[k])})"
+                          for k in changed)
+        raise ValueError(f"{path} was trained with other settings: {flags}; resume with the saved settings, "
+                         f"or train anew into another --out")
     return ckpt
 
 
-def save(model, path, optimizer, epoch, args, history):
-    nap.save_checkpoint(model, path, arch=args.arch, epoch=epoch, optimizer=optimizer.state_dict(),
-                        rng={"torch": torch.get_rng_state()}, args=vars(args), history=history)
+def show(flag: str, value) -> str:
+    """A flag's value as a user types it (radii in /255)."""
+    return f"{value * 255:.4g}/255" if flag in ("eps", "alpha") and isinstance(value, float) else str(value)
+
+
+def save(model, path, optimizer, epoch, record, history, backbone):
+    """Writes the epoch's checkpoint atomically; the settings record is the one the run started with."""
+    nap.save_checkpoint(model, path, arch=record["arch"], backbone=backbone, epoch=epoch,
+                        optimizer=optimizer.state_dict(), rng={"torch": torch.get_rng_state()}, args=record,
+                        history=history)
+
+
+# ---------------------------------------------------------------------- the log
+
+def collapsed(history: list, n_classes: int, epochs: int = 3) -> bool:
+    """True when the last `epochs` epochs had adversarial accuracy at or below chance and CE near ln(classes)."""
+    last = history[-epochs:]
+    chance, ln_c = 100 / n_classes, math.log(n_classes)
+    return len(last) == epochs and all(r.get("adv_ce") is not None and r["adv_acc"] <= chance + 1e-9
+                                       and abs(r["adv_ce"] - ln_c) < 0.05 * ln_c for r in last)
+
+
+def epoch_record(epoch: int, args, totals: torch.Tensor) -> dict:
+    """One epoch's log line: lr, mean loss, clean and adversarial accuracy (each over its own images), adversarial CE."""
+    loss_sum, clean_ok, clean_n, adv_ok, adv_n, adv_ce, n = totals.tolist()
+    return {"epoch": epoch + 1, "lr": learning_rate(epoch, args), "loss": loss_sum / n,
+            "clean_acc": 100 * clean_ok / clean_n if clean_n else None, "adv_acc": 100 * adv_ok / adv_n,
+            "adv_ce": adv_ce / adv_n if args.loss != "fare" else None}
+
+
+def batch_totals(loss, clean, adv, y, mask, args) -> torch.Tensor:
+    """[loss sum, clean correct, clean count, adv correct, adv count, adv CE sum, images] of one batch."""
+    y_clean, y_adv = (y[mask], y[~mask]) if args.loss == "half" else (y, y)
+    zero = torch.zeros((), device=y.device)
+    return torch.stack([loss.detach().float() * len(y),
+                        (clean.argmax(1) == y_clean).sum().float() if clean is not None else zero,
+                        torch.tensor(float(len(y_clean) if clean is not None else 0), device=y.device),
+                        (adv.argmax(1) == y_adv).sum().float(), torch.tensor(float(len(y_adv)), device=y.device),
+                        F.cross_entropy(adv.detach().float(), y_adv, reduction="sum") if len(y_adv) else zero,
+                        torch.tensor(float(len(y)), device=y.device)])
 
 
 # ---------------------------------------------------------------------- main
+
+def build_model(args, backbone, classnames) -> nap.PromptedCLIP:
+    """The method's prompted CLIP with the flags' overrides, initialised from --seed."""
+    preset = nap.PRESETS[args.method]
+    depth = args.depth or scaled_depth(preset.depth, backbone)
+    cfg = nap.make_config(args.method, text_ctx=args.n_ctx if preset.text_ctx else None,
+                          vision_ctx=args.n_ctx if preset.vision_ctx else None, depth=depth,
+                          coupling=args.coupling, refine=args.refine, refiner_init=args.refiner_init)
+    torch.manual_seed(args.seed)  # prompt and refiner initialisation
+    return nap.PromptedCLIP(backbone, classnames, cfg)
+
 
 def main(argv=None):
     args = parse_args(argv)
     world = runtime.init_world(args.device)
     device = runtime.resolve_device(args.device, world)
+    args.precision = runtime.resolve_precision(args.precision, device, args.eps if world.main else None)
     if args.batch_size % world.size:
         raise ValueError(f"--batch-size {args.batch_size} does not split over {world.size} processes; use a multiple of {world.size}")
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
@@ -228,23 +343,21 @@ def main(argv=None):
     if args.resume and not os.path.exists(ckpt_path):
         raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}; drop --resume to start a new run")
     resume = load_resume(ckpt_path, args) if args.resume else None
+    if world.main:
+        runtime.check_writable(args.out, folder=True)
     runtime.seed_everything(args.seed)
 
     full = data.build_dataset(args.dataset, args.data_root, "train")  # checked before the backbone loads
-    backbone = runtime.load_backbone(args.arch, device, args.precision)
+    backbone = runtime.load_backbone(args.arch, device, args.precision, args.vision_weights)
+    record = resume["args"] if resume else {k: v for k, v in vars(args).items() if k not in RUN_ONLY}
+    identity = runtime.backbone_record(args.arch, args.vision_weights)
+    if resume:
+        runtime.check_backbone(resume.get("backbone", {}), args.arch, args.vision_weights)
     resolution = backbone.visual.input_resolution
     full.transform = data.train_transform(resolution) if args.augment == "crop-flip" else data.eval_transform(resolution)
     train_set = data.few_shot(full, args.shots, args.seed)
-    preset = nap.PRESETS[args.method]
-    depth = args.depth or scaled_depth(preset.depth, backbone)
-    cfg = nap.make_config(args.method, text_ctx=args.n_ctx if preset.text_ctx else None,
-                          vision_ctx=args.n_ctx if preset.vision_ctx else None, depth=depth,
-                          coupling=args.coupling, refine=args.refine, refiner_init=args.refiner_init)
-    torch.manual_seed(args.seed)  # prompt and refiner initialisation
-    model = nap.PromptedCLIP(backbone, train_set.classnames, cfg).to(device)
+    model = build_model(args, backbone, train_set.classnames).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError(f"method {args.method!r} has nothing to train; evaluate it with evaluate.py --method {args.method}")
     optimizer = make_optimizer(params, args)
     start_epoch, history = 0, []
     if resume is not None:
@@ -262,48 +375,49 @@ def main(argv=None):
     views = SeededViews(train_set, args.seed)
     log = None
     if world.main:
-        os.makedirs(args.out, exist_ok=True)
         log = open(os.path.join(args.out, "train.log"), "a")
         log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {'resume' if resume else 'start'} {vars(args)}\n")
         n_params = nap.count_parameters(model)
         print(f"{args.method} on {args.dataset} ({len(train_set)} images, {len(train_set.classnames)} classes), "
-              f"{args.arch}, {n_params['total']:,} trainable parameters, {world.size} process(es) -> {args.out}")
+              f"{args.arch}, recipe {args.recipe}: {args.loss} loss, {args.optimizer} lr {args.lr:g}, "
+              f"PGD-{args.steps} at {show('eps', args.eps)}; {n_params['total']:,} trained parameters; "
+              f"{world.size} process(es) -> {args.out}")
 
     for epoch in range(start_epoch, args.epochs):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(epoch, args)
-        totals = torch.zeros(4, device=device)  # loss sum, clean correct, adv correct, images
-        batches = make_loader(views, epoch, args, world, device)
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not world.main, leave=False)
-        for x, y, noise in bar:
-            x, y, noise = (t.to(device, non_blocking=True) for t in (x, y, noise))
+        totals = torch.zeros(7, device=device)
+        bar = tqdm(make_loader(views, epoch, args, world, device), desc=f"epoch {epoch + 1}/{args.epochs}",
+                   total=len(epoch_batches(len(views), args.batch_size, epoch, args.seed, world)),
+                   disable=not world.main, leave=False)
+        for x, y, noise, mask in bar:
+            x, y, noise, mask = (t.to(device, non_blocking=True) for t in (x, y, noise, mask))
             with runtime.autocast(device, args.precision):
-                loss, clean, adv = step(x, y, noise, epoch)
+                loss, clean, adv = step(x, y, noise, mask, epoch)
             if not torch.isfinite(loss):
-                raise RuntimeError(f"the loss became {loss.item()} in epoch {epoch + 1}; the last good checkpoint "
-                                   f"is kept at {ckpt_path}; lower --lr or use --precision fp32")
+                raise runtime.RunError(f"the loss became {loss.item()} in epoch {epoch + 1}; the last good checkpoint "
+                                       f"is kept at {ckpt_path}; lower --lr or use --precision fp32")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
             with torch.no_grad():
-                totals += torch.stack([loss.detach().float() * len(y),
-                                       (clean.argmax(1) == y[:len(clean)]).sum() if clean is not None else torch.zeros((), device=device),
-                                       (adv.argmax(1) == y[len(y) - len(adv):]).sum(),
-                                       torch.tensor(float(len(y)), device=device)])
+                totals += batch_totals(loss, clean, adv, y, mask, args)
             bar.set_postfix(loss=f"{loss.item():.3f}")
         if world.size > 1:
             torch.distributed.all_reduce(totals)
-        loss_sum, clean_ok, adv_ok, n = totals.tolist()
-        record = {"epoch": epoch + 1, "lr": learning_rate(epoch, args), "loss": loss_sum / n,
-                  "clean_acc": 100 * clean_ok / n if args.loss != "adv" else None, "adv_acc": 100 * adv_ok / n}
-        history.append(record)
+        history.append(epoch_record(epoch, args, totals))
         if world.main:
-            save(model, ckpt_path, optimizer, epoch, args, history)
-            line = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items() if v is not None)
+            save(model, ckpt_path, optimizer, epoch, record, history, identity)
+            line = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                            for k, v in history[-1].items() if v is not None)
             log.write(line + "\n")
             log.flush()
             tqdm.write(line)
+            if collapsed(history, len(train_set.classnames)) and not collapsed(history[:-1], len(train_set.classnames)):
+                tqdm.write(f"note: training has collapsed: adversarial accuracy at chance and the loss at "
+                           f"ln({len(train_set.classnames)}) for 3 epochs; what usually helps: a lower --lr, "
+                           f"--loss half or curriculum (--recipe nap), or a smaller --eps")
     if world.main:
         print(f"checkpoint: {ckpt_path}")
         log.close()
@@ -311,4 +425,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    runtime.run_cli(main)
+    runtime.run_cli(main, "interrupted; every finished epoch is kept in --out/checkpoint.pt: "
+                          "add --resume to the same command to continue")

@@ -130,7 +130,10 @@ def test_refine_flag_places_refiners():
             assert len(m.text_refiners) == 2 and m.text_refiners[0].fc1.out_features == 128  # depth-1, hidden 2d
 
 
-@pytest.mark.parametrize("method", list(nap.PRESETS))
+PROMPT_METHODS = [m for m, cfg in nap.PRESETS.items() if cfg.finetune == "none"]
+
+
+@pytest.mark.parametrize("method", PROMPT_METHODS)
 def test_backbone_frozen_and_every_preset_trains(method):
     model = tiny_clip()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -242,9 +245,12 @@ def test_parameter_counts_on_vit_b16():
     maple_proj = 9 * (512 * 768 + 768)
     refiners = 8 * (768 * 1536 * 2 + 1536 + 768) + 8 * (512 * 1024 * 2 + 1024 + 512)
     assert counts["zeroshot"]["total"] == 0
-    assert counts["advpt"] == {"prompts": 4 * 512, "refiners": 0, "total": 2048}
+    assert counts["advpt"] == {"prompts": 4 * 512, "refiners": 0, "encoder": 0, "total": 2048}
     assert counts["advvpt"]["prompts"] == 9 * 2 * 768
     assert counts["advvlp"]["prompts"] == 9 * 2 * 512 + 9 * 2 * 768
     assert counts["advmaple"]["prompts"] == 9 * 2 * 512 + maple_proj == 3_555_072
-    assert counts["nap"] == {"prompts": 3_555_072, "refiners": refiners, "total": 3_555_072 + refiners}
+    assert counts["nap"] == {"prompts": 3_555_072, "refiners": refiners, "encoder": 0, "total": 3_555_072 + refiners}
+    visual = sum(p.numel() for p in model.visual.parameters())
+    assert counts["tecoa"] == counts["fare"] == {"prompts": 0, "refiners": 0, "encoder": visual, "total": visual}
+    assert visual == 86_192_640  # OpenAI's ViT-B/16 image encoder (86.2 M)
     assert 768 * 1536 * 2 + 1536 + 768 == 2_361_600 and 512 * 1024 * 2 + 1024 + 512 == 1_050_112  # PAPER.md sizes

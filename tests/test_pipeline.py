@@ -71,12 +71,21 @@ def test_zeroshot_evaluation_matches_a_direct_count(tiny_weights, tmp_path):
     assert row["robust"] is None and row["clean"] == pytest.approx(100 * hits / len(ds))
 
 
-def test_resume_reaches_the_uninterrupted_result(tiny_weights, tmp_path):
-    """One epoch, stop, resume to three epochs == three epochs straight (warm-up lr does not depend on --epochs)."""
-    common = [*FAST, "--arch", tiny_weights, "--method", "advvlp", "--seed", "3"]
-    train.main([*common, "--epochs", "3", "--out", str(tmp_path / "straight")])
-    train.main([*common, "--epochs", "1", "--out", str(tmp_path / "resumed")])
-    train.main([*common, "--epochs", "3", "--out", str(tmp_path / "resumed"), "--resume"])
+def test_resume_reaches_the_uninterrupted_result(tiny_weights, tmp_path, monkeypatch):
+    """Interrupted after its first epoch, then resumed with the same command: the same model as three epochs straight."""
+    common = [*FAST, "--arch", tiny_weights, "--method", "advvlp", "--seed", "3", "--epochs", "3"]
+    train.main([*common, "--out", str(tmp_path / "straight")])
+    real = train.save
+
+    def save_then_stop(*args):
+        real(*args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "save", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train.main([*common, "--out", str(tmp_path / "resumed")])
+    monkeypatch.setattr(train, "save", real)
+    train.main([*common, "--out", str(tmp_path / "resumed"), "--resume"])
     a = nap.load_checkpoint(str(tmp_path / "straight" / "checkpoint.pt"))
     b = nap.load_checkpoint(str(tmp_path / "resumed" / "checkpoint.pt"))
     assert a["epoch"] == b["epoch"] == 2
@@ -87,7 +96,8 @@ def test_resume_reaches_the_uninterrupted_result(tiny_weights, tmp_path):
 
 def test_every_loss_trains(tiny_weights, tmp_path):
     for loss in train.LOSSES:
-        train.main([*FAST, "--arch", tiny_weights, "--method", "nap", "--epochs", "1", "--loss", loss,
+        method = "fare" if loss == "fare" else "nap"
+        train.main([*FAST, "--arch", tiny_weights, "--method", method, "--epochs", "1", "--loss", loss,
                     "--out", str(tmp_path / loss)])
         history = nap.load_checkpoint(str(tmp_path / loss / "checkpoint.pt"))["history"]
         assert torch.isfinite(torch.tensor(history[0]["loss"])), loss
@@ -148,26 +158,35 @@ def test_existing_run_is_not_overwritten(tiny_weights, tmp_path):
         train.main([*FAST, "--arch", tiny_weights, "--method", "nap", "--epochs", "2", "--out", str(out), "--resume"])
 
 
-def test_protocol_defaults_follow_the_backbone():
-    """The paper's protocol by default; the toy world's with --arch toy; an explicit flag always wins."""
-    paper, toy = runtime.PROTOCOLS["paper"], runtime.PROTOCOLS["toy"]
-    assert (paper["eps"], paper["loss"], paper["shots"]) == (1 / 255, "adv", 16)
-    assert (toy["eps"], toy["loss"]) == (4 / 255, "curriculum")
-    for argv, expected in [(["--dataset", "caltech101"], paper), (["--dataset", "synthetic", "--arch", "ViT-B/16"], paper),
-                           ([], toy), (["--arch", "toy", "--dataset", "synthetic-colour"], toy)]:
-        args = train.parse_args(argv)
-        assert {k: getattr(args, k) for k in expected} == expected, argv
-    args = train.parse_args(["--arch", "toy", "--eps", "1/255", "--loss", "adv", "--shots", "16", "--lr", "0.01"])
-    assert (args.eps, args.loss, args.shots, args.lr, args.optimizer) == (1 / 255, "adv", 16, 0.01, "adamw")
-    assert args.alpha == 1 / 255  # the PGD step follows the eps actually used
+def test_each_method_trains_with_its_sources_recipe():
+    """nap: [D]'s curriculum + AdamW at 4/255 (PGD-5 from the clean image); the prompt baselines: [B]'s half + SGD
+    at 1/255 (PGD-2, random start); --recipe swaps the family; explicit flags win; the toy changes only its budget."""
+    nap_args = train.parse_args(["--dataset", "caltech101", "--method", "nap"])
+    assert (nap_args.loss, nap_args.optimizer, nap_args.lr, nap_args.epochs, nap_args.shots) == ("curriculum", "adamw", 1e-4, 30, 16)
+    assert (nap_args.eps, nap_args.steps, nap_args.start, nap_args.warmup_lr) == (4 / 255, 5, "clean", 1e-6)
+    assert nap_args.alpha == pytest.approx(1.5 * (4 / 255) / 5) and nap_args.augment == "crop-flip"
+    for method in ("advpt", "advvpt", "advvlp", "advmaple"):
+        a = train.parse_args(["--dataset", "caltech101", "--method", method])
+        assert (a.loss, a.optimizer, a.lr, a.weight_decay, a.epochs, a.shots, a.batch_size) == ("half", "sgd", 0.0035, 5e-4, 100, 16, 32)
+        assert (a.eps, a.alpha, a.steps, a.start, a.warmup_epochs, a.warmup_lr) == (1 / 255, 1 / 255, 2, "random", 1, 1e-5)
+    swapped = train.parse_args(["--dataset", "caltech101", "--method", "advmaple", "--recipe", "nap"])
+    assert (swapped.loss, swapped.eps, swapped.steps) == ("curriculum", 4 / 255, 5)
+    swapped = train.parse_args(["--dataset", "caltech101", "--method", "nap", "--recipe", "baselines"])
+    assert (swapped.loss, swapped.eps, swapped.optimizer) == ("half", 1 / 255, "sgd")
+    toy = train.parse_args(["--method", "advvlp"])  # synthetic data -> the toy CLIP
+    assert (toy.arch, toy.shots, toy.epochs, toy.augment, toy.loss, toy.eps) == ("toy", 100, 30, "none", "half", 1 / 255)
+    mine = train.parse_args(["--method", "nap", "--eps", "1/255", "--loss", "adv", "--shots", "16", "--lr", "0.01"])
+    assert (mine.eps, mine.loss, mine.shots, mine.lr, mine.optimizer) == (1 / 255, "adv", 16, 0.01, "adamw")
+    assert mine.alpha == pytest.approx(0.3 / 255)  # the recipe's step scales with the radius actually used
+    assert train.parse_args(["--method", "nap", "--eps", "2/255", "--alpha", "1/255"]).alpha == 1 / 255
 
 
-def test_toy_protocol_through_train_and_evaluate(tiny_weights, tmp_path, monkeypatch):
-    """--arch toy (here with a tiny stand-in backbone) trains at 4/255 with the curriculum loss, and its
-    checkpoint is evaluated at 4/255 unless --eps says otherwise; a zero-shot evaluation of a file is at 1/255."""
+def test_toy_checkpoints_are_evaluated_at_the_papers_radius(tiny_weights, tmp_path, monkeypatch):
+    """--arch toy (here with a tiny stand-in backbone) trains NAP at 4/255 as its source does, and every
+    evaluation is at 1/255 unless --eps says otherwise."""
     real = runtime.load_backbone
-    monkeypatch.setattr(runtime, "load_backbone", lambda arch, device, precision="fp32":
-                        real(tiny_weights if arch == "toy" else arch, device, precision))
+    monkeypatch.setattr(runtime, "load_backbone", lambda arch, *a, **k: real(tiny_weights if arch == "toy" else arch, *a, **k))
+    monkeypatch.setattr(runtime, "backbone_file", lambda arch: tiny_weights if arch == "toy" else arch)
     out = tmp_path / "toy"
     train.main(["--arch", "toy", "--shots", "2", "--epochs", "1", "--batch-size", "8", "--depth", "2", "--workers", "0",
                 "--device", "cpu", "--out", str(out)])
@@ -178,7 +197,7 @@ def test_toy_protocol_through_train_and_evaluate(tiny_weights, tmp_path, monkeyp
     evaluate.main(["--checkpoint", str(out / "checkpoint.pt"), *common, "--eps", "2/255", "--out", str(tmp_path / "b.json")])
     evaluate.main(["--arch", tiny_weights, *common, "--out", str(tmp_path / "c.json")])
     eps = [json.loads((tmp_path / f"{n}.json").read_text())["synthetic"]["eps"] for n in "abc"]
-    assert eps == [4 / 255, 2 / 255, 1 / 255]
+    assert eps == [1 / 255, 2 / 255, 1 / 255]
 
 
 def test_replication_on_a_reduced_budget(tiny_weights, tmp_path):
