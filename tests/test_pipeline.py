@@ -10,7 +10,6 @@ import torch
 import evaluate
 import nap
 import runtime
-import synthetic
 import train
 from clip.model import CLIP
 
@@ -198,44 +197,3 @@ def test_toy_checkpoints_are_evaluated_at_the_papers_radius(tiny_weights, tmp_pa
     evaluate.main(["--arch", tiny_weights, *common, "--out", str(tmp_path / "c.json")])
     eps = [json.loads((tmp_path / f"{n}.json").read_text())["synthetic"]["eps"] for n in "abc"]
     assert eps == [1 / 255, 2 / 255, 1 / 255]
-
-
-def test_replication_on_a_reduced_budget(tiny_weights, tmp_path):
-    """replicate.py through the CLIs: trains, evaluates, and its table holds exactly the numbers of the JSONs."""
-    out = tmp_path / "rep"
-    args = ["--arch", tiny_weights, "--out", str(out), "--methods", "zeroshot", "nap", "--eval-eps", "4/255",
-            "--samples", "6", "--aa-samples", "3",
-            "--train-args", "--shots 2 --epochs 1 --batch-size 8 --depth 2 --eps 4/255 --device cpu",
-            "--eval-args", "--steps 2 --queries 5 --device cpu"]
-    r = cli("replicate.py", *args)
-    assert r.returncode == 0, r.stderr
-    table = (out / "TABLE.md").read_text()
-    pgd = json.loads((out / "eval" / "nap-pgd-4_255.json").read_text())
-    aa = json.loads((out / "eval" / "nap-autoattack-4_255.json").read_text())
-    assert set(pgd) == set(synthetic.TASKS) and set(aa) == {"synthetic"}
-    assert all(row["n_samples"] == 6 and row["eps"] == 4 / 255 and row["steps"] == 2 for row in pgd.values())
-    nap_row = next(line for line in table.splitlines() if line.startswith("| nap |")).split("|")[2:-1]
-    first = [float(v) for v in nap_row[0].split("/")]
-    assert first == [round(pgd["synthetic"]["clean"], 1), round(pgd["synthetic"]["robust"], 1),
-                     round(aa["synthetic"]["robust"], 1)]
-    clean_mean = sum(row["clean"] for row in pgd.values()) / len(pgd)
-    assert float(nap_row[-1].split("/")[0]) == round(clean_mean, 1)
-    assert "| advpt | - / - / - |" in table  # not run: shown as missing, not as zero
-    sweep = json.loads((out / "eval" / "sweep-8_255.json").read_text())["synthetic"]
-    assert sweep["eps"] == 8 / 255 and f"{sweep['robust']:.1f} |" in table.splitlines()[-1]
-    r = cli("replicate.py", *args)  # everything is finished: nothing is trained or attacked again
-    assert r.returncode == 0 and "$ python train.py" not in r.stdout and (out / "TABLE.md").read_text() == table
-
-
-def test_ablation_trains_each_depth_with_and_without_refiners(tiny_weights, tmp_path):
-    out = tmp_path / "rep"
-    r = cli("replicate.py", "--arch", tiny_weights, "--out", str(out), "--ablation", "2", "--eval-eps", "4/255",
-            "--samples", "4", "--train-args", "--shots 1 --epochs 1 --batch-size 8 --device cpu",
-            "--eval-args", "--steps 1 --device cpu")
-    assert r.returncode == 0, r.stderr
-    for name, depth, refiners in [("depth1-none", 1, False), ("depth2-none", 2, False), ("depth2-both", 2, True)]:
-        ckpt = nap.load_checkpoint(str(out / "ablation" / name / "checkpoint.pt"))
-        assert ckpt["config"]["depth"] == depth
-        assert any("refiner" in k for k in ckpt["trainable"]) == refiners
-    rows = [line for line in (out / "ABLATION.md").read_text().splitlines() if line[:3].strip("| ").isdigit()]
-    assert [row.split("|")[1:3] for row in rows] == [[" 1 ", " no "], [" 2 ", " no "], [" 2 ", " yes "]]
