@@ -212,7 +212,11 @@ class PromptedCLIP(nn.Module):
             raise ValueError("classnames is empty: give the names of the classes to score")
         self.classnames = classnames
         template = text_template(self.cfg)
-        tokens = tokenize([template.format(c) for c in classnames], context_length=self.clip.context_length)
+        try:
+            tokens = tokenize([template.format(c) for c in classnames], context_length=self.clip.context_length)
+        except RuntimeError as e:  # a class name too long for CLIP's context
+            raise ValueError(f"a class prompt does not fit CLIP's {self.clip.context_length} tokens "
+                             f"({str(e).splitlines()[0][:120]}); shorten the class name") from None
         self.register_buffer("tokens", tokens.to(self.clip.token_embedding.weight.device), persistent=False)
 
     def train(self, mode: bool = True):

@@ -84,12 +84,12 @@ def download(url: str, root: str) -> str:
     except OSError as e:
         if os.path.exists(partial):
             os.remove(partial)
-        raise RuntimeError(f"could not download {url} ({e}); download it by hand and put it at {target}, "
+        raise ConnectionError(f"could not download {url} ({e}); download it by hand and put it at {target}, "
                            f"or pass the file's path instead of the model name") from None
     got = sha256_of(partial)
     if got != expected:
         os.remove(partial)
-        raise RuntimeError(f"the file downloaded from {url} has SHA256 {got}, expected {expected}; "
+        raise ValueError(f"the file downloaded from {url} has SHA256 {got}, expected {expected}; "
                            f"the partial file was removed, try again")
     os.replace(partial, target)
     return target
@@ -116,7 +116,10 @@ def read_state_dict(path: str) -> dict:
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path} is neither a TorchScript archive nor a state_dict saved with torch.save: {e}") from None
+        # torch's message advises weights_only=False, i.e. running the file's code: never pass that on
+        found = "GLOBAL" in str(e) and "objects besides tensors, which this project never unpickles"
+        raise ValueError(f"{path} is neither a TorchScript archive nor a state_dict saved with torch.save: it is not "
+                         f"a weights file this project can load safely ({found or type(e).__name__})") from None
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict):
