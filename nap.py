@@ -165,7 +165,7 @@ class PromptedCLIP(nn.Module):
         if not vit and (cfg.vision_ctx > 0 or cfg.refine in ("vision", "both")):
             raise ValueError(f"method {cfg.method!r} prompts the image encoder, which needs a ViT CLIP; "
                              f"this one has a ResNet image encoder (use zeroshot or advpt, or a ViT model)")
-        if cfg.depth > clip_model.transformer.layers or (vit and cfg.depth > clip_model.visual.transformer.layers):
+        if cfg.depth > len(clip_model.transformer.resblocks) or (vit and cfg.depth > len(clip_model.visual.transformer.resblocks)):
             raise ValueError(f"depth {cfg.depth} exceeds the number of transformer layers of this CLIP")
         self.clip = clip_model.requires_grad_(False).eval()
         if cfg.finetune == "vision":

@@ -254,3 +254,84 @@ def test_parameter_counts_on_vit_b16():
     assert counts["tecoa"] == counts["fare"] == {"prompts": 0, "refiners": 0, "encoder": visual, "total": visual}
     assert visual == 86_192_640  # OpenAI's ViT-B/16 image encoder (86.2 M)
     assert 768 * 1536 * 2 + 1536 + 768 == 2_361_600 and 512 * 1024 * 2 + 1024 + 512 == 1_050_112  # PAPER.md sizes
+
+
+# ---------------------------------------------------------------------- nap.py on another OpenAI-layout CLIP
+
+class OpenAIBlock(torch.nn.Module):
+    """A residual attention block in OpenAI's layout and keys, built on nn.MultiheadAttention (not this project's)."""
+
+    def __init__(self, width, heads, mask=None):
+        super().__init__()
+        from collections import OrderedDict
+        from clip.model import LayerNorm, QuickGELU
+        self.attn = torch.nn.MultiheadAttention(width, heads)
+        self.ln_1, self.ln_2, self.attn_mask = LayerNorm(width), LayerNorm(width), mask
+        self.mlp = torch.nn.Sequential(OrderedDict(c_fc=torch.nn.Linear(width, 4 * width), gelu=QuickGELU(),
+                                                   c_proj=torch.nn.Linear(4 * width, width)))
+
+    def forward(self, x):  # [L, N, D]
+        h = self.ln_1(x)
+        mask = None if self.attn_mask is None else self.attn_mask.to(x.dtype)
+        x = x + self.attn(h, h, h, need_weights=False, attn_mask=mask)[0]
+        return x + self.mlp(self.ln_2(x))
+
+
+def foreign_clip(width=64, layers=3, patch=8, res=32, embed=32):
+    """An OpenAI-layout CLIP object with none of this project's helper methods: only the standard attributes."""
+    from clip.model import LayerNorm
+    tower = lambda mask=None: torch.nn.Module()
+    text, vision = tower(), tower()
+    text.resblocks = torch.nn.Sequential(*[OpenAIBlock(width, 1, clip.model.causal_mask(77)) for _ in range(layers)])
+    vision.resblocks = torch.nn.Sequential(*[OpenAIBlock(width, 1) for _ in range(layers)])
+    model, visual = torch.nn.Module(), torch.nn.Module()
+    visual.conv1 = torch.nn.Conv2d(3, width, patch, patch, bias=False)
+    visual.class_embedding = torch.nn.Parameter(torch.zeros(width))
+    visual.positional_embedding = torch.nn.Parameter(torch.zeros((res // patch) ** 2 + 1, width))
+    visual.ln_pre, visual.ln_post, visual.transformer = LayerNorm(width), LayerNorm(width), vision
+    visual.proj = torch.nn.Parameter(torch.zeros(width, embed))
+    model.visual, model.transformer, model.context_length = visual, text, 77
+    model.token_embedding = torch.nn.Embedding(49408, width)
+    model.positional_embedding = torch.nn.Parameter(torch.zeros(77, width))
+    model.ln_final, model.text_projection = LayerNorm(width), torch.nn.Parameter(torch.zeros(width, embed))
+    model.logit_scale = torch.nn.Parameter(torch.zeros([]))
+    return model
+
+
+@pytest.mark.parametrize("method", ["zeroshot", "advvlp", "nap"])
+def test_nap_drives_any_openai_layout_clip(method):
+    """The same weights in a foreign OpenAI-layout model (strict keys) give this project's logits."""
+    ours = tiny_clip()
+    theirs = foreign_clip().eval()
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    torch.manual_seed(1)
+    a = nap.PromptedCLIP(ours, NAMES, small(method))
+    b = nap.PromptedCLIP(theirs, NAMES, small(method))
+    b.load_state_dict(a.trainable_state_dict(), strict=False)
+    x = images()
+    with torch.no_grad():
+        assert torch.allclose(a(x), b(x), atol=1e-4), (a(x) - b(x)).abs().max()
+        if method == "zeroshot":  # and exactly the foreign model's own computation
+            v = theirs.visual
+            h = F.conv2d(normalise(x), v.conv1.weight, stride=8).flatten(2).transpose(1, 2)
+            h = torch.cat([v.class_embedding.expand(len(x), 1, -1), h], 1) + v.positional_embedding
+            h = v.transformer.resblocks(v.ln_pre(h).transpose(0, 1)).transpose(0, 1)
+            image = F.normalize(v.ln_post(h[:, 0]) @ v.proj, dim=-1)
+            t = b.tokens
+            h = theirs.transformer.resblocks((theirs.token_embedding(t) + theirs.positional_embedding).transpose(0, 1))
+            text = F.normalize(theirs.ln_final(h.transpose(0, 1))[torch.arange(3), t.argmax(-1)] @ theirs.text_projection, dim=-1)
+            assert torch.equal(b(x), theirs.logit_scale.exp() * image @ text.t())
+
+
+def test_curriculum_layers_are_blocks_before_depth_and_the_last():
+    """[D]'s consistency keys: the outputs of blocks 1..J-1 and of the final block (not block J)."""
+    prompted = nap.PromptedCLIP(tiny_clip(), NAMES, nap.make_config("nap", depth=2))
+    outputs = []
+    hooks = [b.register_forward_hook(lambda m, a, out: outputs.append(out.transpose(0, 1)))
+             for b in prompted.clip.visual.transformer.resblocks]
+    with torch.no_grad():
+        _, layers = prompted.encode_image(images(), return_layers=True)
+    for h in hooks:
+        h.remove()
+    assert len(outputs) == 3 and len(layers) == 2
+    assert torch.equal(layers[0], outputs[0]) and torch.equal(layers[1], outputs[2])
