@@ -1,18 +1,22 @@
 """Speed and memory figures, printed as markdown tables; one bench_* function per measurement:
 
-  attack  time per attack step of attacks.py against straightforward PGD/APGD (a small CNN)
-  eval    PGD evaluation of a prompted CLIP at 10/100/1000 classes: ours (text features once per
-          dataset, broken points dropped) against the peers' computation (the text encoder run
-          inside every forward, every point attacked every step)
-  train   one training step, PGD-2 + update: ours (text features once per step) against the peers'
-  text    one text-encoder pass per class count: what the peers pay at every forward
-  flops   FLOPs of the image attack step, analytic and counted; MFU; the projected wall time of
-          the paper's PGD-100 protocol
+  attack   time per attack step of attacks.py against straightforward PGD/APGD (a small CNN)
+  eval     PGD evaluation of a prompted CLIP at 10/100/1000 classes: ours (text features once per
+           dataset, broken points dropped) against the peers' computation (the text encoder run
+           inside every forward, every point attacked every step)
+  train    one training step, PGD-2 + update: ours (text features once per step) against the peers'
+  text     one text-encoder pass per class count: what the peers pay at every forward
+  flops    FLOPs of the image attack step, analytic and counted; MFU; the projected wall time of
+           the paper's PGD-100 protocol
+  profile  one attack step by part (attention, MLPs, refiners, prompt handling, casts, norms)
+  e2e      PGD-100 evaluation of a trained checkpoint: evaluate.py's path against the peers'
 
     python bench.py --quick       # tiny CLIP on the CPU (one thread), under 2 minutes
-    python bench.py               # ViT-B/16-sized CLIP (random weights: same speed) on the GPU, bf16
+    python bench.py               # ViT-B/16-sized CLIP (random weights: same speed) on the GPU, fp16
+    python bench.py --gpu-suite --out gpu-suite.md   # every pending GPU figure, one markdown block, < 8 min
     python bench.py --compile     # ours through torch.compile (--compile reduce-overhead: + CUDA graphs)
     python bench.py --device cpu --threads 1 --eval-batch 8 --eval-steps 2 --train-batch 8  # ViT-B/16 on a CPU
+    python bench.py --bench e2e --checkpoint runs/nap-synthetic/checkpoint.pt --n-samples 300
 
 Times are the best of --repeats runs taken in turns (CUDA: each run between synchronizes).
 Memory is torch.cuda.max_memory_allocated on CUDA; on the CPU, a proxy: the peak bytes of the
@@ -441,10 +445,11 @@ def labelled_parts(model):
     tells apart. Methods are listed by name, so that either version of nap.py (visual.embed or
     model.embed_patches, with or without model.image_embedding) is covered where it exists."""
     visual = model.clip.visual
-    parts = [((visual, "embed"), "patch embedding, normalisation"), ((model, "embed_patches"), "patch embedding, normalisation"),
+    parts = [((visual, "embed"), "patch embedding"), ((model, "embed_patches"), "patch embedding"),
              ((visual, "head"), "head, logits, loss"), (visual.ln_pre, "layer norms")]
-    for block in visual.transformer.resblocks:
-        parts += [(block.attn, "attention"), (block.mlp, "MLP"), (block.ln_1, "layer norms"), (block.ln_2, "layer norms")]
+    for block in visual.transformer.resblocks:  # innermost label wins: the block's own label keeps its residual adds
+        parts += [(block, "residual adds"), (block.attn, "attention"), (block.mlp, "MLP"), (block.ln_1, "layer norms"),
+                  (block.ln_2, "layer norms")]
     parts += [(m, "refiners") for m in getattr(model, "vision_refiners", [])]
     parts += [((model, "vision_prompts"), "visual prompts (maple projection)")]
     return [(p, label) for p, label in parts if not isinstance(p, tuple) or hasattr(*p)]
@@ -482,13 +487,28 @@ class Labels:
         self.undo = []
 
 
+MATMULS = {"aten::addmm", "aten::mm", "aten::bmm", "aten::matmul", "aten::linear", "aten::baddbmm"}
+
+
+def _is_cast(e):
+    """A cast or copy that is not part of a matmul's own work (addmm copies its bias into the output)."""
+    if e.name not in CASTS:
+        return False
+    a = e.cpu_parent
+    while a is not None:
+        if a.name in MATMULS:
+            return False
+        a = a.cpu_parent
+    return True
+
+
 def _op_label(name):
     """The label of an op outside every labelled part, by its name."""
     if name in PROMPT_OPS:
         return "prompt handling (cat, expand, slices)"
     if name in CASTS:
         return "casts and copies (outside the parts)"
-    return "other (elementwise, loss, bookkeeping)"
+    return "other (normalisation, logits, loss, elementwise)"
 
 
 def step_profile(events, device_time):
@@ -521,12 +541,12 @@ def step_profile(events, device_time):
             by_seq.setdefault(e.sequence_nr, forward_label(e) or _op_label(e.name))
     for e, node in ops:
         if node is not None:
-            label, phase = by_seq.get(node.sequence_nr, "other (elementwise, loss, bookkeeping)"), 1
+            label, phase = by_seq.get(node.sequence_nr, "other (normalisation, logits, loss, elementwise)"), 1
         else:
             label, phase = forward_label(e) or _op_label(e.name), 0
         row = table.setdefault(label, [0.0, 0.0, 0.0])
         row[phase] += getattr(e, key)
-        if e.name in CASTS:
+        if _is_cast(e):
             row[2] += getattr(e, key)
     return table
 
@@ -559,7 +579,7 @@ def bench_profile(backbone, classes, batch, device, precision, steps=2):
 def report_profile(table, wall_ms, title):
     total = sum(f + b for f, b, _ in table.values())
     print(f"\n{title}\n")
-    print("| part | forward ms | backward ms | total ms | share | of which casts/copies ms |")
+    print("| part | forward ms | backward ms | total ms | share | of which casts/copies ms (outside matmuls) |")
     print("|---|---:|---:|---:|---:|---:|")
     for label, (f, b, c) in sorted(table.items(), key=lambda kv: -sum(kv[1][:2])):
         print(f"| {label} | {f / 1e3:.2f} | {b / 1e3:.2f} | {(f + b) / 1e3:.2f} | {100 * (f + b) / total:.1f}% | {c / 1e3:.2f} |")
@@ -698,7 +718,8 @@ class Suite:
 
 
 SUITES = {
-    # One H100 in at most 8 minutes; the budget assumes 150 TFLOP/s (15% of the fp16 peak) and 150 s of compilation.
+    # One H100 in at most 8 minutes: the parts are budgeted at 150 TFLOP/s (15% of the fp16 peak) plus 150 s of
+    # compilation; a part that would end after 450 s is skipped (set-up, ~30 s, and start-up come on top).
     "h100": Suite("vit-b/16", (10, 100, 1000), 256, 10, 32, 2, 512, 10, 32, 3, "inductor", 450, 150.0, 150.0),
     # The same parts at ViT-B/16 size with a few iterations each, to time them on a CPU.
     "cpu-check": Suite("vit-b/16", (10, 100), 2, 1, 2, 1, 2, 1, 2, 1, None, float("inf")),
@@ -715,20 +736,22 @@ def suite_work(s, image_gflop, forward_gflop, text_gflop_per_class):
         "text": (0, 0, r * total_c),
         "eval": ((3 * r + 2) * s.eval_batch * s.eval_steps * len(s.classes), 3 * r * s.eval_batch * len(s.classes),
                  (r * s.eval_steps + 2) * total_c),
-        "step": ((2 * r + 1) * s.step_batch * s.step_steps, 0, max(s.classes)),
+        "step": ((r + 1) * s.step_batch * s.step_steps, 0, max(s.classes)),
         "flops": (2, 2, 0),
         "train": (2 * (r + 1) * s.train_batch * (s.train_steps + 1) * len(s.classes), 0,
                   (r + 1) * (s.train_steps + 6) * total_c),
         "profile": (3 * s.profile_batch, 0, max(s.classes)),
     }
+    if s.compile_backend:
+        work["compile"] = ((r + 1) * s.step_batch * s.step_steps, 0, max(s.classes))
     return {k: (i, f, t, i * image_gflop + f * forward_gflop + t * text_gflop_per_class) for k, (i, f, t) in work.items()}
 
 
 def suite_estimates(s, work):
-    """Seconds each part is budgeted at s.est_tflops (compilation: s.compile_s more for 'step'); zeros without one."""
+    """Seconds each part is budgeted at s.est_tflops (+ s.compile_s for 'compile'); zeros without a rate."""
     if s.est_tflops is None:
         return {k: 0.0 for k in work}
-    return {k: w[3] / 1e3 / s.est_tflops + (s.compile_s if k == "step" else 0.0) for k, w in work.items()}
+    return {k: w[3] / 1e3 / s.est_tflops + (s.compile_s if k == "compile" else 0.0) for k, w in work.items()}
 
 
 def bench_step(model, batch, steps, device, precision, repeats, compile_backend=None):
@@ -807,11 +830,7 @@ def gpu_suite(size, device, precision, out, peak_tflops=None):
             state["eval"] = bench_eval(backbone, s.classes, s.eval_batch, s.eval_steps, 1 / 255, device, precision, s.repeats)
             report_eval(state["eval"], "1/255", memory_label)
 
-        def part_step():
-            rows = [("eager", bench_step(big, s.step_batch, s.step_steps, device, precision, s.repeats))]
-            if s.compile_backend:
-                rows.append((f"torch.compile ({s.compile_backend})", bench_step(big, s.step_batch, s.step_steps, device,
-                                                                             precision, s.repeats, s.compile_backend)))
+        def step_rows(rows):
             text_rows = state.get("text") or bench_text(backbone, [max(s.classes)], device, precision, 1)
             text_per_class = text_rows[-1]["seconds"] / text_rows[-1]["classes"]
             print(f"\nAttack step alone (attacks.pgd without early stopping), {max(s.classes)} classes, batch "
@@ -829,6 +848,13 @@ def gpu_suite(size, device, precision, out, peak_tflops=None):
                 print(f"| {name} | {r['rate']:,.1f} | {achieved:.2f} | {mfu} | {memory} | {r['compile_s']:.0f} | "
                       f"{projected[0]} | {projected[1]} |")
 
+        def part_step():
+            step_rows([("eager", bench_step(big, s.step_batch, s.step_steps, device, precision, s.repeats))])
+
+        def part_compile():
+            step_rows([(f"torch.compile ({s.compile_backend})", bench_step(big, s.step_batch, s.step_steps, device,
+                                                                         precision, s.repeats, s.compile_backend))])
+
         def part_flops():
             fwd, bwd = attack_step_counted(big, 2, device)
             report_flops(big, dict(batch=2, forward=fwd, backward=bwd), None, peak)
@@ -843,7 +869,9 @@ def gpu_suite(size, device, precision, out, peak_tflops=None):
                                         f"{s.profile_batch}; {'GPU kernel' if device.type == 'cuda' else 'CPU'} self times).")
 
         parts = {"text": part_text, "eval": part_eval, "step": part_step, "flops": part_flops, "train": part_train,
-                 "profile": part_profile}
+                 "profile": part_profile, "compile": part_compile}
+        if not s.compile_backend:
+            del parts["compile"]
         save()
         for name, run in parts.items():
             left = s.budget_s - (time.monotonic() - start)
@@ -1033,6 +1061,9 @@ def main(argv=None):
     device = runtime.resolve_device(args.device)
     precision = args.precision or ("fp16" if device.type == "cuda" else "fp32")
     if args.gpu_suite:
+        if device.type == "cpu" and args.gpu_suite == "h100":
+            print("note: no GPU; the h100 suite takes hours on a CPU (--gpu-suite cpu-check times its parts with a "
+                  "few iterations, --gpu-suite tiny runs them in seconds)", file=sys.stderr)
         if not gpu_suite(args.gpu_suite, device, precision, args.out, args.peak_tflops):
             sys.exit(1)
         return

@@ -2,6 +2,7 @@
 e2e on a checkpoint (ours = evaluate.py, never more robust, = the peers without early stopping); the GPU suite
 and the profile at tiny size."""
 import argparse
+import dataclasses
 import re
 
 import pytest
@@ -214,6 +215,7 @@ def test_suite_budget_fits_eight_minutes():
     estimates = bench.suite_estimates(s, work)
     assert sum(estimates.values()) < s.budget_s <= 8 * 60
     assert work["eval"][0] == (3 * 3 + 2) * 256 * 10 * 3  # peers, ours-full, ours per repeat, + 2 memory steps
+    assert estimates["compile"] >= s.compile_s and estimates["eval"] > 30
 
 
 def test_profile_accounts_for_every_op(backbone):
@@ -226,3 +228,15 @@ def test_profile_accounts_for_every_op(backbone):
     assert table["visual prompts (maple projection)"][1] == 0  # frozen prompts: no backward through them
     total = sum(f + b for f, b, _ in table.values())
     assert total < 1e3 * wall * 1.05 and table["MLP"][0] + table["attention"][0] > 0.2 * total / 2
+
+
+def test_suite_skips_what_would_overrun_its_budget(tmp_path, monkeypatch):
+    """At 4 MFLOP/s assumed, the tiny text pass (< 1 GFLOP) fits a 1000 s budget, the evaluation (~8 GFLOP) does not."""
+    monkeypatch.setitem(bench.SUITES, "slow", dataclasses.replace(bench.SUITES["tiny"], budget_s=1000.0, est_tflops=4e-6))
+    out = tmp_path / "suite.md"
+    assert bench.gpu_suite("slow", CPU, "fp32", str(out))
+    text = out.read_text()
+    assert "**eval: skipped**, budgeted" in text and "**train: skipped**, budgeted" in text
+    assert "Evaluation, PGD" not in text and "Training step" not in text
+    assert "One text-encoder forward" in text and "| counted / analytic at batch 2 |" in text
+    assert re.search(r"\| eval \| \d+ \| skipped \|", text)
