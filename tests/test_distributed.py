@@ -193,3 +193,15 @@ def test_killed_two_process_training_resumes_with_one_process(tiny_weights, one_
     assert resumed["epoch"] == EPOCHS - 1 and len(resumed["history"]) == EPOCHS
     assert max_difference(resumed["trainable"], one_process["trainable"]) < 1e-4
     assert [h["epoch"] for h in resumed["history"]] == list(range(1, EPOCHS + 1))
+
+
+def test_half_loss_over_two_processes_equals_one_process(tiny_weights, tmp_path):
+    """`half` keeps the first half of the global batch clean whichever process holds it; torchrun without
+    --device resolves 'auto' per rank (gloo on the CPU)."""
+    args = [a for a in TRAIN if a not in ("--device", "cpu")] + ["--arch", tiny_weights, "--loss", "half", "--epochs", "2"]
+    finish(torchrun("train.py", *args, "--out", str(tmp_path / "two")))
+    train.main([*args, "--device", "cpu", "--out", str(tmp_path / "one")])
+    two, one = (nap.load_checkpoint(str(tmp_path / n / "checkpoint.pt")) for n in ("two", "one"))
+    assert max_difference(two["trainable"], one["trainable"]) < 1e-4
+    for a, b in zip(two["history"], one["history"]):
+        assert (a["clean_acc"], a["adv_acc"]) == (b["clean_acc"], b["adv_acc"])
