@@ -22,7 +22,6 @@ Times are the best of --repeats runs taken in turns (CUDA: each run between sync
 Memory is torch.cuda.max_memory_allocated on CUDA; on the CPU, a proxy: the peak bytes of the
 tensors autograd keeps for backward (activations, weights excluded).
 """
-import argparse
 import contextlib
 import datetime
 import io
