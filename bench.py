@@ -298,11 +298,11 @@ def image_flops(model, batch=1):
     """Matmul FLOPs (2 per multiply-add) of one attack step of model.logits on `batch` images with cached
     text features: (forward, backward to the input). Counted: the patch-embedding conv, per block the
     qkv / output / MLP projections and the two attention products over all tokens (CLS, patches,
-    prompts), the refiners on the non-prompt tokens, the head, the logits, and once per call the
-    text-to-visual prompt projections. Not counted: norms, softmax, activations, additions (<1%).
-    Backward: no weight gradients are needed, so each projection costs its forward once more (the
-    gradient of its input); the attention products twice (gradients of both operands); the prompt
-    projections nothing (they do not depend on the image)."""
+    prompts), the refiners on the non-prompt tokens, the head and the logits. Not counted: norms,
+    softmax, activations, additions (<1%), and the text-to-visual prompt projections, which
+    logits_fn() computes once for all steps. Backward: no weight gradients are needed, so each
+    projection costs its forward once more (the gradient of its input); the attention products
+    twice (gradients of both operands)."""
     visual, cfg = model.clip.visual, model.cfg
     d, patch = visual.conv1.out_channels, visual.conv1.kernel_size[0]
     patches, layers, embed = visual.positional_embedding.shape[0] - 1, visual.transformer.layers, visual.proj.shape[1]
@@ -312,8 +312,7 @@ def image_flops(model, batch=1):
         hidden = int(round(cfg.refiner_hidden * d))
         linear += (cfg.depth - 1) * (tokens - cfg.vision_ctx) * 2 * d * hidden
     attention = layers * 2 * tokens * tokens * d
-    prompt_proj = cfg.depth * cfg.text_ctx * model.widths["text"] * d if hasattr(model, "proj") else 0
-    return 2 * (batch * (linear + attention) + prompt_proj), 2 * batch * (linear + 2 * attention)
+    return 2 * batch * (linear + attention), 2 * batch * (linear + 2 * attention)
 
 
 def text_flops(model):

@@ -291,13 +291,15 @@ class PromptedCLIP(nn.Module):
             cls = visual.class_embedding.float().expand(len(x), 1, -1)  # [N, 1, width]
             return torch.cat([cls, x], dim=1) + visual.positional_embedding.float()
 
-    def encode_image(self, images: torch.Tensor, return_layers: bool = False):
-        """Images [N, 3, R, R] in [0, 1] -> unit-norm features [N, embed_dim] (and the curriculum loss's block outputs)."""
-        features, layers = self.image_embedding(images, return_layers=True)
+    def encode_image(self, images: torch.Tensor, return_layers: bool = False, vision_prompts: list = None):
+        """Images [N, 3, R, R] in [0, 1] -> unit-norm features [N, embed_dim] (and the curriculum loss's block outputs).
+
+        vision_prompts: the per-layer visual prompts if already computed (attacks reuse them across steps)."""
+        features, layers = self.image_embedding(images, return_layers=True, vision_prompts=vision_prompts)
         features = F.normalize(features, dim=-1)
         return (features, layers) if return_layers else features
 
-    def image_embedding(self, images: torch.Tensor, return_layers: bool = False):
+    def image_embedding(self, images: torch.Tensor, return_layers: bool = False, vision_prompts: list = None):
         """Images [N, 3, R, R] in [0, 1] -> image features [N, embed_dim], not normalised (and block outputs).
 
         The block outputs are those the curriculum loss compares [D]: blocks 1..depth-1 and the
@@ -308,7 +310,8 @@ class PromptedCLIP(nn.Module):
         if not is_vit(self.clip):  # ResNet: no tokens to prompt
             features = visual(((images - self.mean) / self.std).to(visual.conv1.weight.dtype)).float()
             return (features, []) if return_layers else features
-        prompts, refiners, n = self.vision_prompts(), getattr(self, "vision_refiners", None), self.cfg.vision_ctx
+        prompts = self.vision_prompts() if vision_prompts is None else vision_prompts
+        refiners, n = getattr(self, "vision_refiners", None), self.cfg.vision_ctx
         h = self.embed_patches(images)  # [N, 1 + g*g, width], float32
         if prompts:
             h = torch.cat([h,                                              # CLS + patches [N, 1+g*g, D]
@@ -340,9 +343,10 @@ class PromptedCLIP(nn.Module):
         """Alias of encode_text, named for what callers cache: [n_classes, embed_dim]."""
         return self.encode_text()
 
-    def logits(self, images: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+    def logits(self, images: torch.Tensor, text_features: torch.Tensor, vision_prompts: list = None) -> torch.Tensor:
         """Images [N, 3, R, R] in [0, 1] and cached text features [C, E] -> logits [N, C]."""
-        return self.clip.logit_scale.exp().float() * self.encode_image(images) @ text_features.t()
+        features = self.encode_image(images, vision_prompts=vision_prompts)
+        return self.clip.logit_scale.exp().float() * features @ text_features.t()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Images [N, 3, R, R] in [0, 1] -> logits [N, n_classes] (text features recomputed)."""
@@ -350,9 +354,10 @@ class PromptedCLIP(nn.Module):
 
     @torch.no_grad()
     def logits_fn(self):
-        """A callable images -> logits with the text features computed once, now, and frozen (for attacks)."""
+        """A callable images -> logits with the text features and visual prompts computed once, now, and frozen (for attacks)."""
         text_features = self.text_features().detach()
-        return lambda images: self.logits(images, text_features)
+        prompts = [p.detach() for p in self.vision_prompts()]  # maple: one projection per layer, not one per step
+        return lambda images: self.logits(images, text_features, prompts)
 
 
 # ---------------------------------------------------------------------- parameter counts

@@ -186,8 +186,9 @@ class AdversarialStep(torch.nn.Module):
 
     def forward(self, x, y, noise, clean_mask, epoch: int):
         a, model = self.args, self.model
-        text = model.text_features()  # once per step; the PGD iterations reuse it without a graph
-        logits_fn = lambda images: model.logits(images, text.detach())
+        text = model.text_features()  # once per step; the PGD iterations reuse it, and the visual prompts, without a graph
+        prompts = [p.detach() for p in model.vision_prompts()]
+        logits_fn = lambda images: model.logits(images, text.detach(), prompts)
         if a.loss == "half":  # [B]: half of the global batch clean, half adversarial, one cross-entropy
             adv = ~clean_mask
             x_in = x.clone()
