@@ -9,6 +9,9 @@
   flops    FLOPs of the image attack step, analytic and counted; MFU; the projected wall time of
            the paper's PGD-100 protocol
   profile  one attack step by part (attention, MLPs, refiners, prompt handling, casts, norms)
+  methods  one training step per method as train.py takes it (advmaple, nap, tecoa, fare, each with its
+           recipe's loss, attack and optimiser): trained parameters, optimizer state, seconds, image
+           passes, peak memory
   e2e      PGD-100 evaluation of a trained checkpoint: evaluate.py's path against the peers'
 
     python bench.py --quick       # tiny CLIP on the CPU (one thread), under 2 minutes
@@ -17,6 +20,7 @@
     python bench.py --compile     # ours through torch.compile (--compile reduce-overhead: + CUDA graphs)
     python bench.py --device cpu --threads 1 --eval-batch 8 --eval-steps 2 --train-batch 8  # ViT-B/16 on a CPU
     python bench.py --bench e2e --checkpoint runs/nap-synthetic/checkpoint.pt --n-samples 300
+    python bench.py --bench methods --device cpu --threads 2 --batch 2   # ViT-B/16, one step per method on a CPU
 
 Times are the best of --repeats runs taken in turns (CUDA: each run between synchronizes).
 Memory is torch.cuda.max_memory_allocated on CUDA; on the CPU, a proxy: the peak bytes of the
@@ -27,6 +31,7 @@ import datetime
 import io
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -43,6 +48,7 @@ import attacks
 import data
 import nap
 import runtime
+import train
 from clip.model import CLIP
 
 # CLIP(embed_dim, image_resolution, vision_layers, vision_width, vision_patch_size, context_length,
@@ -694,6 +700,147 @@ def bench_e2e(ours_model, peers_model, dataset, indices, batch_size, eps, alpha,
     return result
 
 
+# ---------------------------------------------------------------------- one training step per method, as train.py takes it
+
+METHODS = ("advmaple", "nap", "tecoa", "fare")  # two prompt methods, two that fine-tune the image encoder
+METHODS_DATASET = "caltech101"  # its recipe settings and class count (100) stand for a few-shot training run
+
+
+def method_args(method, dataset=METHODS_DATASET):
+    """train.py's settings for `method` on `dataset`, with the method's own recipe (recipes.METHOD_RECIPE)."""
+    return train.parse_args(["--method", method, "--dataset", dataset])
+
+
+def step_passes(args, batch):
+    """The image-encoder passes of one train.AdversarialStep with args' loss and attack on `batch` images:
+    {'grad': images of each pass with a graph (forward + backward), 'forward': images of each forward-only pass}."""
+    n, k, clean = batch, args.steps, [batch] if args.clean_weight else []
+    if args.loss == "half":  # PGD on the adversarial half (the mask's second half), one loss pass on the whole batch
+        adv = n - n // 2
+        return {"grad": [adv] * k + [n], "forward": []}
+    if args.loss == "adv":  # PGD, CE on x' (and on x with a clean weight)
+        return {"grad": [n] * k + [n] + clean, "forward": []}
+    if args.loss == "trades":  # clean logits, PGD on the KL, adversarial logits
+        return {"grad": [n] + [n] * k + [n], "forward": []}
+    if args.loss == "curriculum":  # PGD, then clean and adversarial passes with their block outputs
+        return {"grad": [n] * k + [n, n], "forward": []}
+    if args.loss == "fare":  # PGD, the distance on x' (and x); forward only: the frozen reference on x, two logged logits
+        return {"grad": [n] * k + [n] + clean, "forward": [n, n, n]}
+    raise AssertionError(f"step_passes does not know the loss {args.loss!r}")
+
+
+class Passes:
+    """While open, records the passes of step's image encoders (the model's and FARE's frozen reference, by their
+    ln_pre) as images per pass, with or without a graph, and of its text encoder (ln_final) as whether it keeps one."""
+
+    def __init__(self, step):
+        self.images = [step.model.clip.visual.ln_pre] + ([step.reference.ln_pre] if hasattr(step, "reference") else [])
+        self.text_norm = step.model.clip.ln_final
+
+    def __enter__(self):
+        self.grad, self.forward, self.text = [], [], []
+        image = lambda m, inputs, out: (self.grad if out.requires_grad else self.forward).append(len(inputs[0]))
+        self.handles = [m.register_forward_hook(image) for m in self.images]
+        self.handles.append(self.text_norm.register_forward_hook(lambda m, i, out: self.text.append(out.requires_grad)))
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+
+
+def method_step(backbone, method, device, precision, batch=None, dataset=METHODS_DATASET):
+    """(model, AdversarialStep, optimizer, args, step()) for one method as train.main builds them: the method's
+    recipe, build_model on `backbone` with the dataset's class count, make_optimizer over the trained tensors, a
+    gradient scaler under fp16; step() is train.main's loop body on `batch` random images (default: the recipe's
+    batch) with their PGD-start noise and the half loss's clean mask, and returns the loss."""
+    args = method_args(method, dataset)
+    args.precision, args.device = precision, str(device)
+    n, classes = batch or args.batch_size, data.DATASETS[dataset].n_classes
+    model = train.build_model(args, backbone, [f"class {i}" for i in range(classes)]).to(device)
+    step = train.AdversarialStep(model, args)
+    optimizer = train.make_optimizer([p for p in model.parameters() if p.requires_grad], args)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    x, y = _images(model, n, device), torch.arange(n, device=device) % classes
+    noise = 2 * _images(model, n, device, seed=1) - 1  # [-1, 1], as train.SeededViews draws it
+    mask = torch.arange(n, device=device) < n // 2  # the half loss keeps the first half clean
+
+    def run():
+        with runtime.autocast(device, precision):
+            loss, clean, adv = step(x, y, noise, mask, 1)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{method}: the loss became {loss.item()}")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        with torch.no_grad():
+            train.batch_totals(loss, clean, adv, y, mask, args)
+        return loss.item()
+    return model, step, optimizer, args, run
+
+
+def bench_methods(backbone, device, precision, batch=None, repeats=3, methods=METHODS, dataset=METHODS_DATASET):
+    """One training step of each method as train.py takes it (method_step), on one backbone whose image encoder is
+    restored after each method. One dict per method: trained parameters (nap.count_parameters and the optimizer's
+    share), optimizer state bytes, the median seconds of `repeats` steps after a warm-up step, the image passes
+    counted in the warm-up (Passes) and as step_passes predicts them, peak memory (CUDA: max allocated over the
+    timed steps; CPU: the saved-tensor proxy of the warm-up); 'error': None, or the one line of a step that failed."""
+    visual = {k: v.detach().cpu().clone() for k, v in backbone.visual.state_dict().items()}  # fine-tuning moves it
+    rows = []
+    for method in methods:
+        model, step, optimizer, args, run = method_step(backbone, method, device, precision, batch, dataset)
+        n = batch or args.batch_size
+        row = dict(method=method, recipe=args.recipe, loss=args.loss, steps=args.steps, optimizer=args.optimizer,
+                   batch=n, repeats=repeats, params=nap.count_parameters(model)["total"],
+                   optimized=sum(p.numel() for g in optimizer.param_groups for p in g["params"]),
+                   expected=step_passes(args, n), error=None)
+        try:
+            with Passes(step) as passes:
+                memory = peak_memory(run, device, step)
+            row.update(grad=passes.grad, forward=passes.forward, text=passes.text,
+                       state_bytes=sum(t.nbytes for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)))
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            times = [_timed([run], 1, device)[0][0] for _ in range(repeats)]
+            row.update(seconds=statistics.median(times), times=times,
+                       memory=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else memory)
+        except Exception as e:  # e.g. out of memory, or a step train.py cannot take at this precision
+            traceback.print_exc(file=sys.stderr)
+            row["error"] = f"{type(e).__name__}: {runtime.one_line(e)}"
+        del model, step, optimizer, run
+        backbone.visual.load_state_dict(visual)
+        backbone.requires_grad_(False)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        rows.append(row)
+    return rows
+
+
+def report_methods(rows, precision, memory_label, dataset=METHODS_DATASET):
+    """The methods table: one row per method, a failed step with its error."""
+    r0 = rows[0]
+    print(f"\nTraining step per method as train.py takes it: train.AdversarialStep with the method's recipe for "
+          f"{dataset} ({data.DATASETS[dataset].n_classes} classes), backward, the recipe's optimiser step"
+          f"{' (fp16: with a gradient scaler)' if precision == 'fp16' else ''}; batch {r0['batch']}, {precision}; "
+          f"s/step: median of {r0['repeats']} steps after a warm-up. Image-encoder passes per step: "
+          "forward+backward (attack steps + loss passes; per image: their images / batch, the half loss attacks "
+          "half the batch) and forward-only (FARE: the frozen reference on x, the two logged predictions). Text "
+          "encoder: once per step, with a backward where it holds trained prompts.\n")
+    print(f"| method | recipe: loss, attack | optimizer | trained params | optimizer state MiB | fwd+bwd passes "
+          f"(attack + loss) | per image | fwd-only passes | text encoder | s/step | img/s | {memory_label} |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|")
+    for r in rows:
+        head = f"| {r['method']} | {r['recipe']}: {r['loss']}, PGD-{r['steps']} | {r['optimizer']} | {r['params']:,} |"
+        if r["error"]:
+            print(f"{head} failed: {r['error']} |" + " |" * 7)
+            continue
+        grad = r["grad"]
+        print(f"{head} {r['state_bytes'] / 2 ** 20:,.1f} | {len(grad)} ({r['steps']} + {len(grad) - r['steps']}) | "
+              f"{sum(grad) / r['batch']:g} | {len(r['forward'])} | {'fwd+bwd' if any(r['text']) else 'fwd'} | "
+              f"{r['seconds']:.3f} | {r['batch'] / r['seconds']:,.1f} | {_mib(r['memory'])} |")
+
+
 # ---------------------------------------------------------------------- the GPU suite
 
 @dataclass(frozen=True)
@@ -713,17 +860,33 @@ class Suite:
     budget_s: float
     est_tflops: float = None
     compile_s: float = 0.0
+    methods_batch: int = 0  # one training step per method (bench_methods) at this batch; 0: no such part
 
 
 SUITES = {
     # One H100 in at most 8 minutes: the parts are budgeted at 150 TFLOP/s (15% of the fp16 peak) plus 150 s of
     # compilation; a part that would end after 450 s is skipped (set-up, ~30 s, and start-up come on top).
-    "h100": Suite("vit-b/16", (10, 100, 1000), 256, 10, 32, 2, 512, 10, 32, 3, "inductor", 450, 150.0, 150.0),
+    "h100": Suite("vit-b/16", (10, 100, 1000), 256, 10, 32, 2, 512, 10, 32, 3, "inductor", 450, 150.0, 150.0, 32),
     # The same parts at ViT-B/16 size with a few iterations each, to time them on a CPU.
-    "cpu-check": Suite("vit-b/16", (10, 100), 2, 1, 2, 1, 2, 1, 2, 1, None, float("inf")),
+    "cpu-check": Suite("vit-b/16", (10, 100), 2, 1, 2, 1, 2, 1, 2, 1, None, float("inf"), methods_batch=2),
     # Every part at tiny size in seconds on a CPU (the test); dynamo with the eager backend stands in for inductor.
-    "tiny": Suite("tiny", (3, 30), 4, 2, 4, 1, 4, 2, 2, 1, "eager", float("inf")),
+    "tiny": Suite("tiny", (3, 30), 4, 2, 4, 1, 4, 2, 2, 1, "eager", float("inf"), methods_batch=2),
 }
+
+
+def methods_work(batch, steps):
+    """(image-steps, forward-only image passes, text-encoder class passes) of `steps` training steps of each of
+    METHODS at `batch` (step_passes; a fine-tuned encoder's weight gradients counted as one more image-step per
+    image, a text backward as two passes)."""
+    image = forward = text = 0
+    for method in METHODS:
+        args, cfg = method_args(method), nap.PRESETS[method]
+        passes = step_passes(args, batch)
+        image += sum(passes["grad"]) + (batch if cfg.finetune == "vision" else 0)
+        forward += sum(passes["forward"])
+        graph = cfg.text_ctx > 0 or cfg.refine in ("text", "both")
+        text += (3 if graph else 1) * data.DATASETS[METHODS_DATASET].n_classes
+    return steps * image, steps * forward, steps * text
 
 
 def suite_work(s, image_gflop, forward_gflop, text_gflop_per_class):
@@ -740,6 +903,8 @@ def suite_work(s, image_gflop, forward_gflop, text_gflop_per_class):
                   (r + 1) * (s.train_steps + 6) * total_c),
         "profile": (3 * s.profile_batch, 0, max(s.classes)),
     }
+    if s.methods_batch:
+        work["methods"] = methods_work(s.methods_batch, r + 1)
     if s.compile_backend:
         work["compile"] = ((r + 1) * s.step_batch * s.step_steps, 0, max(s.classes))
     return {k: (i, f, t, i * image_gflop + f * forward_gflop + t * text_gflop_per_class) for k, (i, f, t) in work.items()}
@@ -861,15 +1026,21 @@ def gpu_suite(size, device, precision, out, peak_tflops=None):
             report_train(bench_train(backbone, s.classes, s.train_batch, s.train_steps, 1 / 255, device, precision,
                                      s.repeats), memory_label)
 
+        def part_methods():
+            rows = bench_methods(backbone, device, precision, s.methods_batch, s.repeats)
+            report_methods(rows, precision, memory_label)
+            failed = [f"{r['method']} ({r['error']})" for r in rows if r["error"]]
+            if failed:
+                raise RuntimeError(f"training steps failed: {'; '.join(failed)}")
+
         def part_profile():
             table, wall = bench_profile(backbone, max(s.classes), s.profile_batch, device, precision)
             report_profile(table, wall, f"Profile of one attack step ({max(s.classes)} classes, batch "
                                         f"{s.profile_batch}; {'GPU kernel' if device.type == 'cuda' else 'CPU'} self times).")
 
         parts = {"text": part_text, "eval": part_eval, "step": part_step, "flops": part_flops, "train": part_train,
-                 "profile": part_profile, "compile": part_compile}
-        if not s.compile_backend:
-            del parts["compile"]
+                 "profile": part_profile, "methods": part_methods, "compile": part_compile}
+        parts = {k: v for k, v in parts.items() if k in work}
         save()
         for name, run in parts.items():
             left = s.budget_s - (time.monotonic() - start)
@@ -1011,11 +1182,11 @@ def default_peak(device):
 
 
 def main(argv=None):
-    benches = ("attack", "eval", "train", "text", "flops", "profile", "e2e")
+    benches = ("attack", "eval", "train", "text", "flops", "profile", "methods", "e2e")
     p = runtime.Parser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny CLIP, small batches, one repeat (CPU, < 2 min)")
     p.add_argument("--bench", nargs="+", default=list(benches[:5]), choices=benches,
-                   help="which figures (default: attack eval train text flops; profile and e2e on request)")
+                   help="which figures (default: attack eval train text flops; profile, methods and e2e on request)")
     p.add_argument("--gpu-suite", nargs="?", const="h100", default=None, choices=list(SUITES),
                    help="everything BENCHMARKS.md leaves pending, one markdown block (h100: < 8 min on one H100; "
                         "cpu-check: the same parts, a few iterations; tiny: seconds on a CPU)")
@@ -1030,6 +1201,8 @@ def main(argv=None):
     p.add_argument("--train-batch", type=int, default=32)
     p.add_argument("--train-steps", type=int, default=2)
     p.add_argument("--profile-batch", type=int, default=4, help="profile: images per attack step")
+    p.add_argument("--batch", type=int, default=None, help="methods: images per training step (default: each "
+                                                            "recipe's, 32)")
     p.add_argument("--eps", default="1/255")
     p.add_argument("--repeats", type=int, default=None, help="default 3; 1 with --quick")
     p.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
@@ -1051,7 +1224,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if "e2e" in args.bench and args.checkpoint is None:
         p.error("--bench e2e needs --checkpoint (a checkpoint.pt written by train.py)")
-    for flag in ("steps", "batch_size", "n_samples", "profile_batch"):
+    for flag in ("steps", "batch_size", "n_samples", "profile_batch", "batch"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1")
     if args.threads or args.quick:
@@ -1070,11 +1243,13 @@ def main(argv=None):
     eval_batch, eval_steps = pick(args.eval_batch, 16, 256), pick(args.eval_steps, 3, 10)
     repeats, eps = pick(args.repeats, 1, 3), attacks.parse_eps(args.eps)
     memory_label = "peak MiB" if device.type == "cuda" else "saved MiB"
-    if device.type == "cpu" and not args.quick and args.eval_batch is None and set(args.bench) & {"eval", "train"}:
+    if device.type == "cpu" and not args.quick and ((args.eval_batch is None and set(args.bench) & {"eval", "train"})
+                                                    or (args.batch is None and "methods" in args.bench)):
         print("note: no GPU; ViT-B/16 at the GPU's batch sizes takes hours on a CPU (see --quick, or the CPU "
               "command in the docstring)", file=sys.stderr)
     print(f"`python {' '.join(sys.argv)}`: {machine(device)}; {precision}"
-          + ("" if args.bench == ["e2e"] else f"; {arch} CLIP, nap preset")
+          + ("" if args.bench == ["e2e"] else f"; {arch} CLIP"
+             + (", nap preset" if set(args.bench) - {"attack", "methods", "e2e"} else ""))
           + (f", ours compiled ({args.compile})" if args.compile else ""))
 
     if "attack" in args.bench:
@@ -1105,6 +1280,8 @@ def main(argv=None):
             report_profile(table, wall, f"Profile of one attack step of ours ({arch}, {n} classes, batch "
                                         f"{args.profile_batch}, {precision}; self times, "
                                         f"{'GPU kernels' if device.type == 'cuda' else 'CPU'}).")
+    if "methods" in args.bench:
+        report_methods(bench_methods(backbone, device, precision, args.batch, repeats), precision, memory_label)
     if "e2e" in args.bench:  # last: its summary is the last line
         ours, peers, test, name = load_trained(args.checkpoint, args.dataset, device, precision)
         alpha = attacks.parse_eps(args.alpha)

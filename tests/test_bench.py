@@ -1,6 +1,6 @@
 """bench.py: the peers' re-creation computes what ours computes; FLOP counts; memory bookkeeping; sane rows;
 e2e on a checkpoint (ours = evaluate.py, never more robust, = the peers without early stopping); the GPU suite
-and the profile at tiny size."""
+and the profile at tiny size; one training step per method as train.py takes it."""
 import argparse
 import dataclasses
 import re
@@ -14,6 +14,7 @@ import evaluate
 import nap
 import runtime
 import synthetic
+import train
 from clip.model import CLIP
 
 MICRO = (32, 32, 2, 64, 16, 77, 49408, 32, 1, 2)  # 2 layers per tower, 4 patches
@@ -202,7 +203,7 @@ def test_gpu_suite_runs_every_part_tiny(tmp_path):
     assert bench.gpu_suite("tiny", CPU, "fp32", str(out))
     text = out.read_text()
     for heading in ("One text-encoder forward", "Evaluation, PGD-2", "Attack step alone", "FLOPs of one attack step",
-                    "Training step", "Profile of one attack step"):
+                    "Training step", "Profile of one attack step", "Training step per method"):
         assert heading in text, heading
     assert "torch.compile (eager)" in text and "failed" not in text and "skipped" not in text
     assert "| counted / analytic at batch 2 | 1.0000 | 1.0000 | 1.0000 |" in text
@@ -216,6 +217,9 @@ def test_suite_budget_fits_eight_minutes():
     assert sum(estimates.values()) < s.budget_s <= 8 * 60
     assert work["eval"][0] == (3 * 3 + 2) * 256 * 10 * 3  # peers, ours-full, ours per repeat, + 2 memory steps
     assert estimates["compile"] >= s.compile_s and estimates["eval"] > 30
+    # methods, 4 steps of batch 32: image-steps advmaple 16 x 2 + 32, nap 32 x (5 + 2), tecoa 32 x (2 + 1) + 32 and
+    # fare 32 x (10 + 1) + 32 (weight gradients); FARE's 3 forward-only passes; text 100 classes x 3 with a backward
+    assert work["methods"][:3] == (4 * (64 + 224 + 128 + 384), 4 * 96, 4 * 100 * (3 + 3 + 1 + 1))
 
 
 def test_profile_accounts_for_every_op(backbone):
@@ -240,3 +244,64 @@ def test_suite_skips_what_would_overrun_its_budget(tmp_path, monkeypatch):
     assert "Evaluation, PGD" not in text and "Training step" not in text
     assert "One text-encoder forward" in text and "| counted / analytic at batch 2 |" in text
     assert re.search(r"\| eval \| \d+ \| skipped \|", text)
+
+
+# ---------------------------------------------------------------------- one training step per method
+
+def test_methods_take_train_py_steps(backbone):
+    """Each method's step is train.py's: its recipe's attack and loss (image passes counted by hooks, against the
+    recipe's numbers by hand), the trained tensors nap.count_parameters counts, the recipe's optimiser state; the
+    shared backbone comes back unchanged and frozen."""
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    rows = bench.bench_methods(backbone, CPU, "fp32", batch=4, repeats=1)
+    by = {r["method"]: r for r in rows}
+    assert list(by) == ["advmaple", "nap", "tecoa", "fare"]
+    assert all(torch.equal(before[k], v) for k, v in backbone.state_dict().items())
+    assert not any(p.requires_grad for p in backbone.parameters())
+    names = [f"class {i}" for i in range(100)]  # caltech101's class count
+    for method, r in by.items():
+        assert r["error"] is None and r["seconds"] > 0 and r["memory"] > 0
+        args = bench.method_args(method)
+        model = train.build_model(args, backbone, names)
+        trained = [p for p in model.parameters() if p.requires_grad]
+        assert r["params"] == r["optimized"] == nap.count_parameters(model)["total"] == sum(p.numel() for p in trained)
+        if args.optimizer == "sgd":  # one momentum buffer per tensor
+            assert r["state_bytes"] == 4 * r["params"]
+        else:  # AdamW: two moments per tensor and a scalar step count
+            assert r["state_bytes"] == 8 * r["params"] + 4 * len(trained)
+        assert {"grad": r["grad"], "forward": r["forward"]} == r["expected"] == bench.step_passes(args, 4)
+    backbone.requires_grad_(False)
+    assert by["fare"]["params"] == by["tecoa"]["params"] > by["nap"]["params"] > by["advmaple"]["params"] > 0
+    assert by["tecoa"]["params"] == sum(p.numel() for p in backbone.visual.parameters())
+    # by hand: PGD-2 on the half loss's adversarial half + one loss pass on the batch (baselines recipe)
+    assert by["advmaple"]["grad"] == [2, 2, 4] and by["advmaple"]["forward"] == []
+    assert by["nap"]["grad"] == [4] * (5 + 2) and by["nap"]["forward"] == []  # PGD-5, clean + adversarial passes
+    assert by["tecoa"]["grad"] == [4] * (2 + 1) and by["tecoa"]["forward"] == []  # PGD-2, CE on x'
+    assert by["fare"]["grad"] == [4] * (10 + 1)  # PGD-10, the distance on x'
+    assert by["fare"]["forward"] == [4] * 3  # the frozen reference on x, the two logged predictions
+    assert [by[m]["text"] for m in by] == [[True], [True], [False], [False]]  # text prompts: a text backward
+    assert by["nap"]["state_bytes"] > 2 * by["advmaple"]["state_bytes"]
+
+
+def test_methods_cli_prints_one_row_per_method(capsys):
+    bench.main(["--bench", "methods", "--arch", "tiny", "--device", "cpu", "--batch", "2", "--repeats", "1"])
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| method")]
+    assert [row.split(" | ")[0][2:] for row in rows] == ["advmaple", "nap", "tecoa", "fare"]
+    assert "failed" not in out and "fare: fare, PGD-10 | adamw" in out and "| 11 (10 + 1) | 11 | 3 | fwd |" in out
+
+
+def test_methods_bench_reports_a_failed_step_and_restores_the_backbone(backbone, monkeypatch, capsys):
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+
+    def oom(*args, **kwargs):
+        raise RuntimeError("out of memory\nmore detail")
+    monkeypatch.setattr(train.AdversarialStep, "attack", oom)
+    rows = bench.bench_methods(backbone, CPU, "fp32", batch=2, repeats=1, methods=("nap", "tecoa"))
+    assert [r["error"] for r in rows] == ["RuntimeError: out of memory"] * 2
+    assert all(torch.equal(before[k], v) for k, v in backbone.state_dict().items())
+    assert not any(p.requires_grad for p in backbone.parameters())
+    bench.report_methods(rows, "fp32", "saved MiB")
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| tecoa")]
+    assert table[0].endswith("failed: RuntimeError: out of memory |" + " |" * 7)
+    assert table[0].count("|") == 13  # as many cells as the header
