@@ -11,20 +11,14 @@ import nap
 import runtime
 import train
 from clip.model import CLIP
+from conftest import TINY
 
-TINY = (32, 32, 2, 64, 8, 77, 49408, 64, 1, 2)
 FAST = ["--dataset", "synthetic", "--shots", "2", "--batch-size", "8", "--workers", "0", "--device", "cpu",
         "--epochs", "2", "--lr", "1e-3", "--steps", "2"]
 EVAL = ["--dataset", "synthetic", "--attack", "pgd", "--steps", "2", "--n-samples", "16", "--batch-size", "8",
         "--workers", "0", "--device", "cpu"]
 
 
-@pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory):
-    torch.manual_seed(0)
-    path = str(tmp_path_factory.mktemp("weights") / "tiny.pt")
-    torch.save(CLIP(*TINY).state_dict(), path)
-    return path
 
 
 @pytest.fixture(scope="module")

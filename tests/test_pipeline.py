@@ -1,8 +1,6 @@
 """train.py / evaluate.py end to end on synthetic data with a tiny CLIP saved to a file; resume; bad input."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,25 +9,14 @@ import evaluate
 import nap
 import runtime
 import train
-from clip.model import CLIP
+from conftest import cli, stop_after_first_checkpoint
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = (32, 32, 2, 64, 8, 77, 49408, 64, 1, 2)
 FAST = ["--dataset", "synthetic", "--shots", "2", "--batch-size", "8", "--workers", "0", "--depth", "2",
         "--eps", "4/255", "--device", "cpu", "--optimizer", "adamw", "--lr", "1e-3", "--warmup-epochs", "1"]
 
 
-@pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory):
-    torch.manual_seed(0)
-    path = str(tmp_path_factory.mktemp("weights") / "tiny.pt")
-    torch.save(CLIP(*TINY).state_dict(), path)
-    return path
 
 
-def cli(script, *args, cwd=ROOT):
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "PYTHONPATH": ROOT})
 
 
 def test_train_then_evaluate_through_the_clis(tiny_weights, tmp_path):
@@ -74,16 +61,7 @@ def test_resume_reaches_the_uninterrupted_result(tiny_weights, tmp_path, monkeyp
     """Interrupted after its first epoch, then resumed with the same command: the same model as three epochs straight."""
     common = [*FAST, "--arch", tiny_weights, "--method", "advvlp", "--seed", "3", "--epochs", "3"]
     train.main([*common, "--out", str(tmp_path / "straight")])
-    real = train.save
-
-    def save_then_stop(*args):
-        real(*args)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(train, "save", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        train.main([*common, "--out", str(tmp_path / "resumed")])
-    monkeypatch.setattr(train, "save", real)
+    stop_after_first_checkpoint(monkeypatch, [*common, "--out", str(tmp_path / "resumed")])
     train.main([*common, "--out", str(tmp_path / "resumed"), "--resume"])
     a = nap.load_checkpoint(str(tmp_path / "straight" / "checkpoint.pt"))
     b = nap.load_checkpoint(str(tmp_path / "resumed" / "checkpoint.pt"))

@@ -19,20 +19,13 @@ import nap
 import runtime
 import train
 from clip.model import CLIP
+from conftest import ROOT, TINY, cli, stop_after_first_checkpoint
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = (32, 32, 2, 64, 8, 77, 49408, 64, 1, 2)
 FAST = ["--dataset", "synthetic", "--shots", "2", "--batch-size", "8", "--workers", "0", "--depth", "2",
         "--device", "cpu", "--epochs", "2"]
 EVAL = ["--attack", "pgd", "--steps", "1", "--n-samples", "16", "--batch-size", "8", "--workers", "0", "--device", "cpu"]
 
 
-@pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory):
-    torch.manual_seed(0)
-    path = str(tmp_path_factory.mktemp("weights") / "tiny.pt")
-    torch.save(CLIP(*TINY).state_dict(), path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +55,6 @@ def image_tree(root, seed=0, classes=("cat", "dog"), n=4):
     return str(root)
 
 
-def cli(script, *args, cwd=ROOT):
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"})
 
 
 def one_line_error(r, *fragments):
@@ -152,23 +142,9 @@ def test_explicit_out_of_other_settings_is_refused(tiny_weights, tmp_path):
 
 # ---------------------------------------------------------------------- 2. resume continues the run that was started
 
-def interrupted(tiny_weights, out, monkeypatch, *flags):
-    """A run stopped by Ctrl-C after its first epoch's checkpoint."""
-    real = train.save
-
-    def save_then_stop(*args):
-        real(*args)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(train, "save", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        train.main([*FAST, "--arch", tiny_weights, "--method", "advvlp", "--out", out, *flags])
-    monkeypatch.setattr(train, "save", real)
-
-
 def test_resume_refuses_every_changed_setting_and_keeps_the_record(tiny_weights, tmp_path, monkeypatch):
     out = str(tmp_path / "run")
-    interrupted(tiny_weights, out, monkeypatch)
+    stop_after_first_checkpoint(monkeypatch, [*FAST, "--arch", tiny_weights, "--method", "advvlp", "--out", out])
     record = nap.load_checkpoint(os.path.join(out, "checkpoint.pt"))["args"]
     base = [*FAST, "--arch", tiny_weights, "--method", "advvlp", "--out", out, "--resume"]
     with pytest.raises(ValueError) as e:
