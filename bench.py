@@ -780,9 +780,16 @@ def method_step(backbone, method, device, precision, batch=None, dataset=METHODS
     return model, step, optimizer, args, run
 
 
+def _restore(module, saved):
+    """Puts module's parameters and buffers back to `saved` (a CPU copy of its state_dict): values and dtypes."""
+    for name, t in [*module.named_parameters(), *module.named_buffers()]:
+        if name in saved:
+            t.data = saved[name].to(t.device, copy=True)  # a copy: the next method trains it in place
+
+
 def bench_methods(backbone, device, precision, batch=None, repeats=3, methods=METHODS, dataset=METHODS_DATASET):
     """One training step of each method as train.py takes it (method_step), on one backbone whose image encoder is
-    restored after each method. One dict per method: trained parameters (nap.count_parameters and the optimizer's
+    restored (values and dtypes) after each method. One dict per method: trained parameters (nap.count_parameters and the optimizer's
     share), optimizer state bytes, the median seconds of `repeats` steps after a warm-up step, the image passes
     counted in the warm-up (Passes) and as step_passes predicts them, peak memory (CUDA: max allocated over the
     timed steps; CPU: the saved-tensor proxy of the warm-up); 'error': None, or the one line of a step that failed."""
@@ -809,7 +816,7 @@ def bench_methods(backbone, device, precision, batch=None, repeats=3, methods=ME
             traceback.print_exc(file=sys.stderr)
             row["error"] = f"{type(e).__name__}: {runtime.one_line(e)}"
         del model, step, optimizer, run
-        backbone.visual.load_state_dict(visual)
+        _restore(backbone.visual, visual)
         backbone.requires_grad_(False)
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -838,7 +845,7 @@ def report_methods(rows, precision, memory_label, dataset=METHODS_DATASET):
         grad = r["grad"]
         print(f"{head} {r['state_bytes'] / 2 ** 20:,.1f} | {len(grad)} ({r['steps']} + {len(grad) - r['steps']}) | "
               f"{sum(grad) / r['batch']:g} | {len(r['forward'])} | {'fwd+bwd' if any(r['text']) else 'fwd'} | "
-              f"{r['seconds']:.3f} | {r['batch'] / r['seconds']:,.1f} | {_mib(r['memory'])} |")
+              f"{r['seconds']:.3f} | {r['batch'] / r['seconds']:,.2f} | {_mib(r['memory'])} |")
 
 
 # ---------------------------------------------------------------------- the GPU suite

@@ -292,14 +292,24 @@ def test_methods_cli_prints_one_row_per_method(capsys):
 
 
 def test_methods_bench_reports_a_failed_step_and_restores_the_backbone(backbone, monkeypatch, capsys):
+    """A step that fails is one row saying why; the backbone comes back as it was, dtypes included, even where
+    building the model changed them."""
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
 
     def oom(*args, **kwargs):
         raise RuntimeError("out of memory\nmore detail")
+    build = train.build_model
     monkeypatch.setattr(train.AdversarialStep, "attack", oom)
+    built = []
+
+    def build_in_double(args, clip, names):  # as a build_model that kept the trained encoder in another dtype would
+        clip.visual.double()
+        built.append(clip.visual.proj.dtype)
+        return build(args, clip, names)
+    monkeypatch.setattr(train, "build_model", build_in_double)
     rows = bench.bench_methods(backbone, CPU, "fp32", batch=2, repeats=1, methods=("nap", "tecoa"))
-    assert [r["error"] for r in rows] == ["RuntimeError: out of memory"] * 2
-    assert all(torch.equal(before[k], v) for k, v in backbone.state_dict().items())
+    assert [r["error"] for r in rows] == ["RuntimeError: out of memory"] * 2 and built == [torch.float64] * 2
+    assert all(torch.equal(before[k], v) and before[k].dtype == v.dtype for k, v in backbone.state_dict().items())
     assert not any(p.requires_grad for p in backbone.parameters())
     bench.report_methods(rows, "fp32", "saved MiB")
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| tecoa")]
