@@ -789,8 +789,8 @@ def _restore(module, saved):
 
 def bench_methods(backbone, device, precision, batch=None, repeats=3, methods=METHODS, dataset=METHODS_DATASET):
     """One training step of each method as train.py takes it (method_step), on one backbone whose image encoder is
-    restored (values and dtypes) after each method. One dict per method: trained parameters (nap.count_parameters and the optimizer's
-    share), optimizer state bytes, the median seconds of `repeats` steps after a warm-up step, the image passes
+    restored (values and dtypes) after each method. One dict per method: trained parameters (nap.count_parameters
+    and the optimizer's share), optimizer state bytes, the median seconds of `repeats` steps after a warm-up step, the image passes
     counted in the warm-up (Passes) and as step_passes predicts them, peak memory (CUDA: max allocated over the
     timed steps; CPU: the saved-tensor proxy of the warm-up); 'error': None, or the one line of a step that failed."""
     visual = {k: v.detach().cpu().clone() for k, v in backbone.visual.state_dict().items()}  # fine-tuning moves it
