@@ -327,6 +327,8 @@ def build_model(args, backbone, classnames) -> nap.PromptedCLIP:
     cfg = nap.make_config(args.method, text_ctx=args.n_ctx if preset.text_ctx else None,
                           vision_ctx=args.n_ctx if preset.vision_ctx else None, depth=depth,
                           coupling=args.coupling, refine=args.refine, refiner_init=args.refiner_init)
+    if cfg.finetune == "vision":  # trained weights stay float32 (autocast runs their matmuls in 16 bits)
+        backbone.visual.float()
     torch.manual_seed(args.seed)  # prompt and refiner initialisation
     return nap.PromptedCLIP(backbone, classnames, cfg)
 

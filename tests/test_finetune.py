@@ -114,3 +114,12 @@ def test_nap_on_a_robust_encoder(runs, tiny_weights, tmp_path):
         assert json.load(open(tmp_path / "g.json"))["synthetic"]["clean"] == row["clean"]
     finally:
         os.rename(moved, runs["tecoa"])
+
+
+def test_fine_tuning_trains_float32_weights_under_fp16(tiny_weights, tmp_path):
+    """fp16 backbones (the GPU default) still train the encoder in float32, so the gradient scaler can unscale."""
+    args = train.parse_args([*FAST, "--arch", tiny_weights, "--method", "tecoa"])
+    backbone = runtime.load_backbone(tiny_weights, torch.device("cpu"), "fp16")
+    model = train.build_model(args, backbone, ["cat", "dog"])
+    assert {p.dtype for p in model.clip.visual.parameters()} == {torch.float32}
+    assert model.clip.text_projection.dtype == torch.float16  # the frozen text tower keeps its precision
