@@ -353,7 +353,8 @@ def count(n) -> str:
 
 
 def comparison_table(results: dict, eps: str) -> str:
-    """Markdown at one eps: per run its trained parameters, clean / PGD per task, clean / AutoAttack on the training task, averages."""
+    """Markdown at one eps: per run its trained parameters, clean / PGD per task, clean / AutoAttack on the
+    training task, and the averages."""
     tasks = results["tasks"]
     header = ["run", "trained parameters", f"{TASK} clean / PGD", f"{TASK} clean / AutoAttack",
               *[f"{t} clean / PGD" for t in tasks[1:]], "average clean / PGD"]
@@ -431,7 +432,8 @@ def parse_args(argv=None):
     p.add_argument("--samples", type=int, default=200, help="PGD on a seeded subset of this size per task")
     p.add_argument("--aa-samples", type=int, default=50, help="AutoAttack on a seeded subset of the training task (0: none)")
     p.add_argument("--jobs", type=int, default=2, help="trainings / evaluations at once, each with cores/jobs threads")
-    p.add_argument("--train-args", default="", help="extra train.py flags for every training, e.g. \"--epochs 50\"")
+    p.add_argument("--train-args", default="", help="extra train.py flags for every training, e.g. \"--epochs 50\" "
+                                                    "(after each run's own flags, so they win)")
     p.add_argument("--eval-args", default="", help="extra evaluate.py flags, e.g. \"--steps 20\"")
     args = p.parse_args(argv)
     for flag in ("eval_eps", "sweep_eps"):  # a bad radius fails here, not after the training
@@ -479,8 +481,9 @@ def main(argv=None):
     results["timings"] = runner.timings
     pngs = figures.write_all(results, out)
     text = report(results)
-    text += "\n\nFigures: " + ", ".join(os.path.basename(p) for p in pngs) if pngs else ""
-    text += (f"\n\nWall time: {results['wall_time_s']} s for `python replicate.py {shlex.join(sys.argv[1:] if argv is None else argv)}` "
+    text += ("\n\nFigures: " + ", ".join(os.path.basename(p) for p in pngs)) if pngs else ""
+    command = shlex.join(sys.argv[1:] if argv is None else argv)
+    text += (f"\n\nWall time: {results['wall_time_s']} s for `python replicate.py {command}` "
              f"({len(runner.timings)} train.py / evaluate.py calls, {args.jobs} at a time; finished work reused)")
     runtime.write_json(results, os.path.join(out, "results.json"))
     with open(os.path.join(out, "TABLE.md"), "w") as f:
