@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 import torch
 
 import figures
@@ -18,18 +17,9 @@ import synthetic
 import train
 from clip.model import CLIP
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = (32, 32, 2, 64, 8, 77, 49408, 64, 1, 2)  # 2 layers: NAP's preset depth 9 of 12 scales to 2
+from conftest import ROOT, TINY  # the tiny CLIP has 2 layers: NAP's preset depth 9 of 12 scales to 2
 TRAIN = "--shots 1 --epochs 1 --batch-size 8 --device cpu"
 EVAL = "--steps 2 --queries 5 --device cpu"
-
-
-@pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory):
-    torch.manual_seed(0)
-    path = str(tmp_path_factory.mktemp("weights") / "tiny.pt")
-    torch.save(CLIP(*TINY).state_dict(), path)
-    return path
 
 
 def replicate_cli(weights, out, *args, train_args=TRAIN):
