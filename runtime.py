@@ -290,9 +290,14 @@ def write_json(obj, path: str):
     """Writes JSON atomically (temporary file, then rename)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk or an interrupt leaves the previous file, and no temporary one
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def read_json(path: str, default=None):

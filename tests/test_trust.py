@@ -373,3 +373,18 @@ def test_the_library_refuses_what_it_would_misread():
         prompted(torch.full((1, 3, 32, 32), 200.0))
     with pytest.raises(ValueError, match="depth must be >= 1"):
         nap.make_config("nap", depth=0)
+
+
+def test_a_full_disk_while_writing_results_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = str(tmp_path / "r.json")
+    runtime.write_json({"a": 1}, path)
+
+    def full(obj, f, **kw):
+        f.write("{")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(json, "dump", full)
+    with pytest.raises(OSError):
+        runtime.write_json({"a": 2}, path)
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["r.json"] and json.load(open(path)) == {"a": 1}
