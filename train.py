@@ -153,12 +153,12 @@ def epoch_batches(n: int, batch_size: int, epoch: int, seed: int, world: runtime
 
 
 def make_loader(views: SeededViews, epoch: int, args, world, device):
-    """(x, y, noise, clean mask) batches of this process for one epoch."""
+    """-> ((x, y, noise, clean mask) batches of this process for one epoch, their number)."""
     views.epoch = epoch
     batches = epoch_batches(len(views), args.batch_size, epoch, args.seed, world)
     loader = DataLoader(views, batch_sampler=[b for b, _ in batches], num_workers=args.workers,
                         pin_memory=device.type == "cuda")
-    return ((x, y, noise, mask) for (x, y, noise), (_, mask) in zip(loader, batches))
+    return ((x, y, noise, mask) for (x, y, noise), (_, mask) in zip(loader, batches)), len(batches)
 
 
 # ---------------------------------------------------------------------- one training step
@@ -390,9 +390,8 @@ def main(argv=None):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(epoch, args)
         totals = torch.zeros(7, device=device)
-        bar = tqdm(make_loader(views, epoch, args, world, device), desc=f"epoch {epoch + 1}/{args.epochs}",
-                   total=len(epoch_batches(len(views), args.batch_size, epoch, args.seed, world)),
-                   disable=not world.main, leave=False)
+        batches, n_batches = make_loader(views, epoch, args, world, device)
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{args.epochs}", total=n_batches, disable=not world.main, leave=False)
         for x, y, noise, mask in bar:
             x, y, noise, mask = (t.to(device, non_blocking=True) for t in (x, y, noise, mask))
             with runtime.autocast(device, args.precision):
