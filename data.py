@@ -170,6 +170,12 @@ class Transformed(Dataset):
         return (image if self.transform is None else self.transform(image)), y
 
 
+def dataset_key(name: str) -> str:
+    """A dataset name as DATASETS spells it ('Oxford-Pets' -> 'oxford_pets', aliases resolved); other names as lowered."""
+    key = name.lower().replace("-", "_")
+    return _ALIASES.get(key, key)
+
+
 def build_dataset(name, root=None, split="test", transform=None):
     """A dataset of (transform(image), label) with .classnames (list[str]) and .targets."""
     if split not in SPLITS:
@@ -177,8 +183,7 @@ def build_dataset(name, root=None, split="test", transform=None):
     if name == "synthetic" or name.startswith("synthetic-"):
         import synthetic
         return Transformed(synthetic.SyntheticDataset(task=name, split=split), transform)
-    key = name.lower().replace("-", "_")
-    key = _ALIASES.get(key, key)
+    key = dataset_key(name)
     if key in DATASETS:
         samples, classnames = _read_known(key, os.path.expanduser(root or default_root()), split)
         return ImageList(samples, classnames, transform)

@@ -119,8 +119,7 @@ def zero_shot_template(name: str, args) -> str:
     """--template, else CoOp's template for the dataset [B], else 'a photo of a {}.'."""
     if args.template:
         return args.template
-    key = name.lower().replace("-", "_")
-    info = data.DATASETS.get(data._ALIASES.get(key, key))
+    info = data.DATASETS.get(data.dataset_key(name))
     return info.template if info else "a photo of a {}."
 
 
