@@ -14,6 +14,8 @@ no normalisation (the model normalises). A malformed split or list file, an imag
 decoded, a folder with a single class or with two class folders that read as the same prompt is
 refused with a one-line ValueError (FileNotFoundError for what is missing) naming the file.
 """
+import hashlib
+import inspect
 import json
 import os
 import struct
@@ -447,6 +449,25 @@ def _split_per_class(samples, split, seed=0):
                        "test": (n_train + n_val, len(items))}[split]
         chosen += sorted((items[i] for i in perm[start:stop]), key=lambda s: s[0])
     return chosen
+
+
+def fingerprint(dataset) -> str:
+    """SHA256 over the class names and, per image file, its path, label, size and modification time
+    (for procedural data: its generator's code, task, split and size)."""
+    h = hashlib.sha256(json.dumps(list(dataset.classnames)).encode())
+    samples = getattr(dataset, "samples", None)
+    if samples is None:
+        inner = getattr(dataset, "dataset", dataset)
+        h.update(f"{type(inner).__name__} {getattr(inner, 'task', '')} {getattr(inner, 'split', '')} {len(dataset)}".encode())
+        h.update(open(inspect.getsourcefile(type(inner)), "rb").read())
+        return h.hexdigest()
+    for path, label in samples:
+        try:
+            st = os.stat(path)
+        except OSError:
+            raise FileNotFoundError(f"{path} is listed in the dataset but cannot be read; restore it or fix the split file") from None
+        h.update(f"{path}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
 
 
 def few_shot(dataset, shots, seed):

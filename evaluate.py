@@ -16,9 +16,6 @@ of other settings is refused, never overwritten; the default --out names the att
 Results go to --out as JSON (per dataset: clean and robust accuracy in percent, attack, eps,
 steps, samples, seconds, and what produced them) and as a markdown table.
 """
-import hashlib
-import inspect
-import json
 import os
 import shutil
 import time
@@ -121,25 +118,6 @@ def zero_shot_template(name: str, args) -> str:
         return args.template
     info = data.DATASETS.get(data.dataset_key(name))
     return info.template if info else "a photo of a {}."
-
-
-def fingerprint(dataset) -> str:
-    """SHA256 over the class names and, per image file, its path, label, size and modification time
-    (for procedural data: its generator's code, task, split and size)."""
-    h = hashlib.sha256(json.dumps(list(dataset.classnames)).encode())
-    samples = getattr(dataset, "samples", None)
-    if samples is None:
-        inner = getattr(dataset, "dataset", dataset)
-        h.update(f"{type(inner).__name__} {getattr(inner, 'task', '')} {getattr(inner, 'split', '')} {len(dataset)}".encode())
-        h.update(open(inspect.getsourcefile(type(inner)), "rb").read())
-        return h.hexdigest()
-    for path, label in samples:
-        try:
-            st = os.stat(path)
-        except OSError:
-            raise FileNotFoundError(f"{path} is listed in the dataset but cannot be read; restore it or fix the split file") from None
-        h.update(f"{path}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
 
 
 def data_identity(name: str, args) -> dict:
@@ -303,7 +281,7 @@ def main(argv=None):
     for dataset in args.dataset:
         identity = {"model": {**model_id, "template": args.template}, "settings": settings(args),
                     "data": data_identity(dataset, args)}
-        contents = {**contents_model, "data": fingerprint(datasets[dataset])}
+        contents = {**contents_model, "data": data.fingerprint(datasets[dataset])}
         if previous(results, dataset, identity, contents, args.out):
             continue
         partial_dir = f"{args.out}.partial/{os.path.basename(os.path.normpath(dataset))}"
