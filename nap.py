@@ -11,6 +11,14 @@ drives its blocks from outside:
   layer l = 2..depth: prompt outputs of layer l-1 are dropped and replaced by fresh prompts,
                       and the other tokens pass a TokenRefiner first: h <- h + W2 relu(W1 h + b1) + b2
 
+Where the refiners sit. [D] refines the image tower's CLS and patch tokens entering each prompted
+layer 2..J (refine="vision", the default). Its text blocks build a refiner but bypass it; a
+commented variant would refine the SOS token only. refine="text"/"both" is a reading of the
+paper's "modality-specific" wording [P], and refines that SOS token only: the attack perturbs the
+image alone, so the class-name, EOT and padding tokens carry no adversarial distortion to undo,
+and refining EOT (the token read out as the class embedding) would rewrite every class embedding,
+which no source does.
+
 Images are in [0, 1]; normalisation happens inside. Text features do not depend on the image:
 `text_features()` computes them once, `logits(images, text_features)` reuses them, and
 `logits_fn()` returns a plain callable for attacks. Checkpoints hold only the trainable tensors.
@@ -21,6 +29,7 @@ OpenAI-layout CLIP has (conv1, class_embedding, positional_embedding, ln_pre, tr
 ln_post, proj; token_embedding, positional_embedding, transformer.resblocks, ln_final,
 text_projection, logit_scale, context_length), whose blocks take tokens as [length, batch, width].
 """
+import copy
 import os
 from dataclasses import asdict, dataclass, fields, replace
 
@@ -42,13 +51,13 @@ STD = (0.26862954, 0.26130258, 0.27577711)
 class PromptConfig:
     """The knobs of every method; PRESETS names the published combinations."""
     method: str = "nap"
-    text_ctx: int = 2                 # learnable text context vectors after SOS (0: fixed template)
-    vision_ctx: int = 2               # learnable visual prompt tokens after CLS+patches (0: none)
-    depth: int = 9                    # layers 1..depth get prompts; 1 is shallow prompting
+    text_ctx: int = 16                # learnable text context vectors after SOS (0: fixed template)
+    vision_ctx: int = 16              # learnable visual prompt tokens after CLS+patches (0: none)
+    depth: int = 12                   # layers 1..depth get prompts (J); 1 is shallow prompting
     coupling: str = "maple"           # independent prompts, or visual prompt = Linear(text prompt) per layer
     ctx_init: str = "a photo of a"    # text context initialised from these words when text_ctx <= their count
     template: str = "a photo of a {}."  # the zero-shot prompt; also the text around the learnable context
-    refine: str = "both"              # TokenRefiners on: none / vision / text / both
+    refine: str = "vision"            # TokenRefiners on: none / vision ([D]) / text / both (a reading of [P])
     refiner_hidden: float = 2.0       # refiner hidden width = refiner_hidden * token width
     refiner_init: str = "default"     # default (nn.Linear's) or zero (refiner starts as the identity)
     finetune: str = "none"            # none (CLIP frozen) or vision: the whole image encoder trains (TeCoA, FARE)
@@ -84,16 +93,23 @@ class PromptConfig:
         return self.text_ctx > 0 or self.vision_ctx > 0 or self.refine != "none"
 
 
+# Each preset names its evidence. [B]: the baselines' repository (xinwong/Multimodal-Adversarial-Prompt-Tuning);
+# [D]: the NAP first author's development repository jiamingzhang94/MAPT, at d26abda8 (latest code) and
+# 9a9bb04e (the logged run); [T] TeCoA, [F] FARE; [P] the paper's text; [C] a choice of ours.
 PRESETS = {
     "zeroshot": PromptConfig("zeroshot", text_ctx=0, vision_ctx=0, depth=1, coupling="independent", refine="none"),
-    "advpt": PromptConfig("advpt", text_ctx=4, vision_ctx=0, depth=1, coupling="independent", refine="none"),
+    # [B] scripts/AdvCoOp/zs_vit16_train_AdvCoOp.sh: NCTX=32, random init ("X X .. X"), class token at the end
+    "advpt": PromptConfig("advpt", text_ctx=32, vision_ctx=0, depth=1, coupling="independent", refine="none"),
+    # [B] AdvVPT / AdvIVLP / AdvMaPLe configs: 2 tokens per branch from "a photo of a", prompt depth 9
     "advvpt": PromptConfig("advvpt", text_ctx=0, vision_ctx=2, depth=9, coupling="independent", refine="none"),
     "advvlp": PromptConfig("advvlp", text_ctx=2, vision_ctx=2, depth=9, coupling="independent", refine="none"),
     "advmaple": PromptConfig("advmaple", text_ctx=2, vision_ctx=2, depth=9, coupling="maple", refine="none"),
-    "nap": PromptConfig("nap", text_ctx=2, vision_ctx=2, depth=9, coupling="maple", refine="both"),
+    # [D] at both commits: MaPLe coupling, 16 random context tokens ("X X .. X"), prompt depth 12, a TokenRefiner
+    # per prompted image layer 2..J; the text branch bypasses its refiner (`prefix_refined = prefix`)
+    "nap": PromptConfig("nap", text_ctx=16, vision_ctx=16, depth=12, coupling="maple", refine="vision"),
     # fine-tuning baselines: no prompts, the image encoder itself is trained (their losses differ: recipes.py)
     "tecoa": PromptConfig("tecoa", text_ctx=0, vision_ctx=0, depth=1, coupling="independent", refine="none",
-                          template="This is a photo of a {}", finetune="vision"),  # TeCoA's training prompt
+                          template="This is a photo of a {}", finetune="vision"),  # TeCoA's training prompt [T]
     "fare": PromptConfig("fare", text_ctx=0, vision_ctx=0, depth=1, coupling="independent", refine="none",
                          finetune="vision"),
 }
@@ -185,8 +201,9 @@ class PromptedCLIP(nn.Module):
                 init = clip_model.token_embedding(self.tokens[:1, 1:1 + n]).float()[0]
             self.text_ctx = nn.Parameter(init.clone() if from_words else torch.randn(n, d_text) * 0.02)
             self.text_deep = nn.ParameterList([prompt_init(n, d_text) for _ in range(deep)])
-        if cfg.vision_ctx > 0 and cfg.coupling == "maple":
-            self.proj = nn.ModuleList([nn.Linear(d_text, d_vision) for _ in range(cfg.depth)])
+        if cfg.vision_ctx > 0 and cfg.coupling == "maple":  # as MaPLe [B][D]: layer 1's own Linear, and layers
+            first, deeper = nn.Linear(d_text, d_vision), nn.Linear(d_text, d_vision)  # 2..J start as copies of one
+            self.proj = nn.ModuleList([first, *(copy.deepcopy(deeper) for _ in range(deep))])
         elif cfg.vision_ctx > 0:
             self.vision_ctx = prompt_init(cfg.vision_ctx, d_vision)
             self.vision_deep = nn.ParameterList([prompt_init(cfg.vision_ctx, d_vision) for _ in range(deep)])
@@ -265,8 +282,8 @@ class PromptedCLIP(nn.Module):
         h = h.transpose(0, 1)  # NLD -> LND
         for i, block in enumerate(model.transformer.resblocks):
             if 1 <= i < self.cfg.depth:
-                if refiners is not None:
-                    h = refiners[i - 1](h) if n == 0 else torch.cat([refiners[i - 1](h[:1]), h[1:1 + n], refiners[i - 1](h[1 + n:])])
+                if refiners is not None:  # the SOS token only: [D]'s commented text variant (see the module docstring)
+                    h = torch.cat([refiners[i - 1](h[:1]), h[1:]])                          # SOS [1, C, D], rest
                 if self.cfg.deep_text:
                     h = torch.cat([h[:1],                                                   # SOS     [1, C, D]
                                    prompts[i].to(h.dtype).unsqueeze(1).expand(-1, h.shape[1], -1),  # fresh   [n, C, D]
@@ -381,16 +398,43 @@ def checkpoint_dict(model: PromptedCLIP, **extra) -> dict:
 
 
 def atomic_save(obj, path: str):
-    """torch.save to a temporary file beside path, then rename: a crash never leaves a half-written file."""
+    """torch.save to a temporary file beside path, then rename: a crash never leaves a half-written file.
+
+    A failed write (a full disk) is raised as the OSError the file gave: torch.save reports it as a
+    RuntimeError, which would hide it as a bug."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as f:
+            writer = _KeepWriteError(f)
+            try:
+                torch.save(obj, writer)
+            except RuntimeError:
+                if writer.error is not None:
+                    raise writer.error from None
+                raise
         os.replace(tmp, path)
     except BaseException:  # a full disk or an interrupt: no half-written file is left behind
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+class _KeepWriteError:
+    """A binary file whose write errors are kept, so that atomic_save can raise them as they were."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        self.f.flush()
 
 
 def save_checkpoint(model: PromptedCLIP, path: str, **extra):
@@ -412,6 +456,10 @@ def load_checkpoint(path: str) -> dict:
                          f"checkpoint written by train.py") from None
     if not isinstance(ckpt, dict) or not {"config", "classnames", "trainable"} <= set(ckpt):
         raise ValueError(f"{path} is not a NAP checkpoint: it lacks config / classnames / trainable entries")
+    unknown = sorted(set(ckpt["config"]) - {f.name for f in fields(PromptConfig)})
+    if unknown:
+        raise ValueError(f"checkpoint {path} has config fields this version does not know ({', '.join(unknown)}); "
+                         f"it was written by another version of nap.py: use that version, or update this one")
     return ckpt
 
 

@@ -1,4 +1,6 @@
 """nap.py: equivalences with plain CLIP, deep-prompt data flow, frozen backbone, training, checkpoints, counts."""
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -50,12 +52,12 @@ def test_zeroshot_is_plain_clip(cfg):
 
 @pytest.mark.parametrize("cfg", [TINY_VIT, TINY_RN], ids=["vit", "resnet"])
 def test_advpt_starts_at_zeroshot(cfg):
-    """The text context is initialised from 'a photo of a': before training AdvPT is zero-shot CLIP."""
+    """A text context of <= 4 tokens is initialised from 'a photo of a': before training such an AdvPT is zero-shot CLIP."""
     model = tiny_clip(cfg)
     x = images(res=cfg[1])
     with torch.no_grad():
         zs = nap.PromptedCLIP(model, NAMES, nap.PRESETS["zeroshot"])(x)
-        pt = nap.PromptedCLIP(model, NAMES, nap.PRESETS["advpt"])(x)
+        pt = nap.PromptedCLIP(model, NAMES, nap.make_config("advpt", text_ctx=4))(x)
     assert torch.allclose(zs, pt, atol=1e-5)
 
 
@@ -110,7 +112,7 @@ def test_depth_one_is_shallow_prompting():
 def test_zero_init_refiners_give_the_prompts_only_model():
     model = tiny_clip()
     with_refiners = nap.PromptedCLIP(model, NAMES, small("nap", refiner_init="zero"))
-    prompts_only = nap.PromptedCLIP(model, NAMES, small("advmaple"))
+    prompts_only = nap.PromptedCLIP(model, NAMES, small("nap", refine="none"))  # the same prompts, no refiners
     prompts_only.load_state_dict({k: v for k, v in with_refiners.trainable_state_dict().items() if "refiners" not in k},
                                  strict=False)
     x = images()
@@ -128,6 +130,49 @@ def test_refine_flag_places_refiners():
         assert hasattr(m, "text_refiners") == text and hasattr(m, "vision_refiners") == vision
         if text:
             assert len(m.text_refiners) == 2 and m.text_refiners[0].fc1.out_features == 128  # depth-1, hidden 2d
+
+
+def test_presets_follow_their_sources():
+    """nap as [D] at both commits, advpt as [B]'s AdvCoOp script, the other baselines as [B]'s configs."""
+    cfg = nap.PRESETS["nap"]
+    assert (cfg.text_ctx, cfg.vision_ctx, cfg.depth, cfg.coupling, cfg.refine) == (16, 16, 12, "maple", "vision")
+    assert nap.PromptConfig() == cfg  # the dataclass's defaults are NAP's
+    assert (nap.PRESETS["advpt"].text_ctx, nap.PRESETS["advpt"].depth) == (32, 1)
+    for method in ("advvpt", "advvlp", "advmaple"):
+        assert nap.PRESETS[method].depth == 9 and nap.PRESETS[method].refine == "none"
+    # 16 and 32 tokens are more than "a photo of a" has: random init, read as "X X .. X {}."
+    assert nap.text_template(cfg) == " ".join(["X"] * 16) + " {}."
+    assert nap.text_template(nap.PRESETS["advpt"]) == " ".join(["X"] * 32) + " {}."
+    assert nap.text_template(nap.PRESETS["advmaple"]) == "a photo of a {}."  # 2 tokens from its words
+
+
+def test_maple_projections_of_layers_2_to_J_start_as_copies_of_one_layer():
+    torch.manual_seed(0)
+    m = nap.PromptedCLIP(tiny_clip(), NAMES, small("advmaple"))
+    first, *deeper = m.proj
+    assert len(deeper) == 2
+    for p in deeper[1:]:
+        assert torch.equal(p.weight, deeper[0].weight) and torch.equal(p.bias, deeper[0].bias)
+        assert p.weight.data_ptr() != deeper[0].weight.data_ptr()  # copies, not one shared layer
+    assert not torch.equal(first.weight, deeper[0].weight)
+
+
+def test_text_refiners_refine_the_sos_token_only():
+    """At the first refined layer the tokens after SOS enter the block exactly as without refiners."""
+    model = tiny_clip()
+    seen = {}
+    hook = model.transformer.resblocks[1].register_forward_pre_hook(lambda _, a: seen.setdefault(len(seen), a[0]))
+    with torch.no_grad():
+        torch.manual_seed(0)
+        plain = nap.PromptedCLIP(model, NAMES, small("nap", refine="none"))
+        torch.manual_seed(0)
+        refined = nap.PromptedCLIP(model, NAMES, small("nap", refine="text"))
+        refined.text_refiners[0].fc2.bias.fill_(0.5)
+        plain.encode_text(), refined.encode_text()
+    hook.remove()
+    h_plain, h_refined = seen[0], seen[1]  # [L, C, D] entering block 2
+    assert torch.equal(h_refined[1:], h_plain[1:])
+    assert not torch.allclose(h_refined[:1], h_plain[:1])
 
 
 PROMPT_METHODS = [m for m, cfg in nap.PRESETS.items() if cfg.finetune == "none"]
@@ -181,7 +226,7 @@ def test_logits_fn_and_layers():
     with torch.no_grad():
         assert torch.equal(fn(x), prompted(x))  # the cached text features and visual prompts change nothing
         features, layers = prompted.encode_image(x, return_layers=True)
-    assert len(layers) == 3 and layers[0].shape == (4, 1 + 16 + 2, 64)
+    assert len(layers) == 3 and layers[0].shape == (4, 1 + 16 + 16, 64)  # CLS, 4x4 patches, 16 prompts
     assert torch.equal(features, prompted.encode_image(x))
 
 
@@ -236,6 +281,44 @@ def test_bad_checkpoint_files(tmp_path):
     torch.save({"weights": torch.zeros(2)}, other)
     with pytest.raises(ValueError, match="not a NAP checkpoint"):
         nap.load_checkpoint(str(other))
+    newer = tmp_path / "newer.pt"
+    prompted = nap.PromptedCLIP(tiny_clip(), NAMES, small("advpt"))
+    torch.save({**nap.checkpoint_dict(prompted), "config": {**nap.checkpoint_dict(prompted)["config"], "gate": 1}}, newer)
+    with pytest.raises(ValueError, match=r"config fields this version does not know \(gate\)"):
+        nap.load_checkpoint(str(newer))
+
+
+def test_a_full_disk_while_saving_is_an_oserror_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    """torch.save turns a failed write into a RuntimeError; atomic_save raises the disk's OSError (ENOSPC) instead."""
+    import builtins
+    import errno
+    path = str(tmp_path / "checkpoint.pt")
+    nap.atomic_save({"epoch": 1}, path)
+
+    class FullDisk:
+        def __init__(self, *_):
+            pass
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def flush(self):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *_):
+            return False
+
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda p, *a, **k: FullDisk() if str(p).startswith(path + ".tmp")
+                        else real_open(p, *a, **k))
+    with pytest.raises(OSError) as failed:
+        nap.atomic_save({"epoch": 2, "w": torch.zeros(1000)}, path)
+    monkeypatch.undo()
+    assert failed.value.errno == errno.ENOSPC
+    assert torch.load(path)["epoch"] == 1 and os.listdir(tmp_path) == ["checkpoint.pt"]
 
 
 def test_parameter_counts_on_vit_b16():
@@ -243,13 +326,15 @@ def test_parameter_counts_on_vit_b16():
     model = CLIP(512, 224, 12, 768, 16, 77, 49408, 512, 8, 12)
     counts = {m: nap.count_parameters(nap.PromptedCLIP(model, NAMES, cfg)) for m, cfg in nap.PRESETS.items()}
     maple_proj = 9 * (512 * 768 + 768)
-    refiners = 8 * (768 * 1536 * 2 + 1536 + 768) + 8 * (512 * 1024 * 2 + 1024 + 512)
     assert counts["zeroshot"]["total"] == 0
-    assert counts["advpt"] == {"prompts": 4 * 512, "refiners": 0, "encoder": 0, "total": 2048}
+    assert counts["advpt"] == {"prompts": 32 * 512, "refiners": 0, "encoder": 0, "total": 16_384}
     assert counts["advvpt"]["prompts"] == 9 * 2 * 768
     assert counts["advvlp"]["prompts"] == 9 * 2 * 512 + 9 * 2 * 768
     assert counts["advmaple"]["prompts"] == 9 * 2 * 512 + maple_proj == 3_555_072
-    assert counts["nap"] == {"prompts": 3_555_072, "refiners": refiners, "encoder": 0, "total": 3_555_072 + refiners}
+    nap_prompts = 12 * 16 * 512 + 12 * (512 * 768 + 768)  # 16 tokens at 12 layers, a projection per layer
+    refiners = 11 * (768 * 1536 * 2 + 1536 + 768)  # image tower, layers 2..12
+    assert counts["nap"] == {"prompts": nap_prompts, "refiners": refiners, "encoder": 0, "total": nap_prompts + refiners}
+    assert nap_prompts + refiners == 30_803_712  # 30.8 M
     visual = sum(p.numel() for p in model.visual.parameters())
     assert counts["tecoa"] == counts["fare"] == {"prompts": 0, "refiners": 0, "encoder": visual, "total": visual}
     assert visual == 86_192_640  # OpenAI's ViT-B/16 image encoder (86.2 M)
