@@ -13,6 +13,14 @@ val) split, as in CoOp; the four ImageNet variants are test-only. Transforms fol
 no normalisation (the model normalises). A malformed split or list file, an image that cannot be
 decoded, a folder with a single class or with two class folders that read as the same prompt is
 refused with a one-line ValueError (FileNotFoundError for what is missing) naming the file.
+
+Folder walks (class folders, their images, ImageNet-style <wnid>/ and <label>/ folders) skip
+hidden entries, names starting with ".": they are never classes and never images (.thumbnails/,
+macOS's ._x.jpg). Links: an image file may be a link, and a class folder may be a link to a folder
+elsewhere (a common way to assemble a dataset). A class folder's sub-folders are read too, but a
+link to a folder inside a class folder is never followed: the dataset is refused in one line
+naming the link, since such a link can lead back up the tree (a loop) or out of the class. So is
+a class folder that links to the dataset folder, a folder above it, or into another class folder.
 """
 import hashlib
 import inspect
@@ -27,8 +35,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
-from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
+from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
 SPLITS = ("train", "val", "test")
@@ -352,17 +359,51 @@ def _imagenet_names(root, folder):
     raise FileNotFoundError(f"classnames.txt is missing from {folder} and {root}/imagenet")
 
 
+def _visible(folder):
+    """The entries (os.DirEntry) of one folder whose names do not start with '.', sorted by name."""
+    with os.scandir(folder) as entries:
+        return sorted((e for e in entries if not e.name.startswith(".")), key=lambda e: e.name)
+
+
+def _folders(folder):
+    """Sorted names of the visible sub-folders of one folder, links to folders included."""
+    return [e.name for e in _visible(folder) if e.is_dir()]
+
+
+def _is_image(entry):
+    """Whether an os.DirEntry's name has an image extension (torchvision's IMG_EXTENSIONS)."""
+    return entry.name.lower().endswith(IMG_EXTENSIONS)
+
+
 def _image_files(folder):
-    """Sorted paths of the image files in one folder."""
-    return sorted(e.path for e in os.scandir(folder)
-                  if e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS))
+    """Sorted paths of the visible image files in one folder (links to files included)."""
+    return [e.path for e in _visible(folder) if e.is_file() and _is_image(e)]
+
+
+def _walk_images(class_dir):
+    """Paths of the visible images under one class folder, sub-folders included, in torchvision
+    ImageFolder's order (by folder, then name); a link to a folder in it is refused."""
+    found, todo = [], [class_dir]
+    while todo:
+        folder = todo.pop()
+        for e in _visible(folder):
+            if e.is_dir(follow_symlinks=False):
+                todo.append(e.path)
+            elif e.is_dir():  # a link to a folder
+                raise ValueError(f"{e.path} is a link to the folder {os.path.realpath(e.path)}"
+                                 f", inside class folder {class_dir}; a class folder may hold "
+                                 f"links to image files, not to folders (one can lead back up "
+                                 f"the tree): put the folder itself there, or remove the link")
+            elif _is_image(e):  # a file, a link to one, or a broken link (an error when read)
+                found.append((folder, e.name))
+    return [os.path.join(folder, name) for folder, name in sorted(found)]
 
 
 def _read_wnid_folders(image_dir, wnid_names, n_classes):
     """<image_dir>/<wnid>/<image>, label = rank of the wnid among the folders -> samples, names."""
     if not os.path.isdir(image_dir):
         raise FileNotFoundError(f"{image_dir} is missing")
-    wnids = sorted(e.name for e in os.scandir(image_dir) if e.is_dir())
+    wnids = _folders(image_dir)
     if len(wnids) != n_classes:
         raise ValueError(f"{image_dir} has {len(wnids)} class folders, expected {n_classes}")
     unknown = [w for w in wnids if w not in wnid_names]
@@ -377,7 +418,7 @@ def _read_numbered_folders(image_dir, wnid_names, n_classes):
     """ImageNetV2: <image_dir>/<label>/<image>, names in classnames.txt order -> samples, names."""
     if not os.path.isdir(image_dir):
         raise FileNotFoundError(f"{image_dir} is missing")
-    found = {e.name for e in os.scandir(image_dir) if e.is_dir()}
+    found = set(_folders(image_dir))
     if found != {str(y) for y in range(n_classes)}:
         raise ValueError(f"{image_dir} should hold class folders 0..{n_classes - 1}, "
                          f"found {len(found)} folders")
@@ -393,25 +434,39 @@ def _read_tree(path, split):
     subtrees = [s for s in SPLITS if os.path.isdir(os.path.join(path, s))]
     try:
         if "train" not in subtrees:
-            tree = ImageFolder(path)
-            _check_classes(path, tree.classes)
-            counts = Counter(tree.targets)
-            few = [c for c, y in tree.class_to_idx.items() if counts[y] < 3]
+            samples, classes = _read_classes(path)
+            counts = Counter(y for _, y in samples)
+            few = [c for y, c in enumerate(classes) if counts[y] < 3]
             if few:
                 raise ValueError(f"classes {few[:5]} have fewer than 3 images, too few for a "
                                  f"50/20/30 split")
-            return _split_per_class(tree.samples, split), _names(tree.classes)
+            return _split_per_class(samples, split), _names(classes)
         wanted = {"train": ["train"], "val": ["val", "test"], "test": ["test", "val"]}[split]
         sub = next((s for s in wanted if s in subtrees), None)
         if sub is None:
             raise FileNotFoundError(f"no {' or '.join(wanted)} folder in {path}")
-        _check_classes(os.path.join(path, "train"), find_classes(os.path.join(path, "train"))[0])
-        tree = ImageFolder(os.path.join(path, sub))
-        if tree.classes != find_classes(os.path.join(path, "train"))[0]:
+        classes = _folders(os.path.join(path, "train"))
+        _check_classes(os.path.join(path, "train"), classes)
+        if _folders(os.path.join(path, sub)) != classes:
             raise ValueError(f"{path}/{sub} and {path}/train hold different class folders")
+        samples, _ = _read_classes(os.path.join(path, sub))
     except (FileNotFoundError, ValueError) as e:
         raise _with(e, f"; {expected}") from None
-    return tree.samples, _names(tree.classes)
+    return samples, _names(classes)
+
+
+def _read_classes(folder):
+    """<folder>/<class>/[...]/<image> -> samples [(path, label)], class folder names; checked."""
+    classes = _folders(folder)
+    _check_classes(folder, classes)
+    _check_class_links(folder, classes)
+    samples = [(p, y) for y, c in enumerate(classes) for p in _walk_images(os.path.join(folder, c))]
+    labels = {y for _, y in samples}
+    empty = [c for y, c in enumerate(classes) if y not in labels]
+    if empty:
+        raise FileNotFoundError(f"class folders {empty[:5]} of {folder} hold no image files "
+                                f"({', '.join(IMG_EXTENSIONS)})")
+    return samples, classes
 
 
 def _names(folders):
@@ -419,8 +474,11 @@ def _names(folders):
 
 
 def _check_classes(folder, classes):
-    """Refuse a single class folder, and two folders whose prompts would read the same: names
-    are read with underscores as spaces, and CLIP's tokenizer lowercases and collapses spaces."""
+    """Refuse a folder with no class folder or a single one, and two folders whose prompts read
+    the same: names are read with underscores as spaces; CLIP's tokenizer lowercases and collapses
+    spaces."""
+    if not classes:
+        raise FileNotFoundError(f"no class folders in {folder}")
     if len(classes) < 2:
         raise ValueError(f"{folder} holds a single class folder ({classes[0]!r}); accuracy needs "
                          f"at least two classes")
@@ -432,6 +490,29 @@ def _check_classes(folder, classes):
                              f"{os.path.join(folder, c)} give the same class name {prompt!r} "
                              f"(underscores read as spaces, case ignored); rename or merge them")
         seen[prompt] = c
+
+
+def _check_class_links(folder, classes):
+    """Refuse class folders that lead (by links) to `folder`, a folder above it, the same folder
+    or one inside another: their images would be read again, under another label."""
+    rule = ("a class folder may be a link to its own folder of images, not to the dataset, a "
+            "folder above it or another class folder's images; fix or remove the link")
+    top, owner = os.path.realpath(folder), {}
+    for c in classes:
+        path, real = os.path.join(folder, c), os.path.realpath(os.path.join(folder, c))
+        if os.path.commonpath([top, real]) == real:
+            raise ValueError(f"class folder {path} leads to {real}, which holds {folder}; {rule}")
+        if real in owner:
+            raise ValueError(f"class folders {os.path.join(folder, owner[real])} and {path} both "
+                             f"lead to {real}; {rule}")
+        owner[real] = c
+    for real, c in owner.items():
+        above = os.path.dirname(real)
+        while above not in owner and above != os.path.dirname(above):
+            above = os.path.dirname(above)
+        if above in owner:
+            raise ValueError(f"class folder {os.path.join(folder, c)} leads to {real}, inside "
+                             f"class folder {os.path.join(folder, owner[above])}; {rule}")
 
 
 def _split_per_class(samples, split, seed=0):
@@ -452,21 +533,31 @@ def _split_per_class(samples, split, seed=0):
 
 
 def fingerprint(dataset) -> str:
-    """SHA256 over the class names and, per image file, its path, label, size and modification time
-    (for procedural data: its generator's code, task, split and size)."""
+    """SHA256 over the class names and, per image file, its path, label, size, modification time
+    and inode (for procedural data: its generator's code, task, split and size).
+
+    The inode tells which file a path now leads to: two class folders whose names are swapped
+    keep every path, size and time (a rename touches neither), but not which file is where. A
+    Subset (few_shot's) covers the images it holds; Transformed is looked through."""
     h = hashlib.sha256(json.dumps(list(dataset.classnames)).encode())
-    samples = getattr(dataset, "samples", None)
+    inner, index = dataset, None
+    while isinstance(inner, (Subset, Transformed)):
+        if isinstance(inner, Subset):
+            index = list(inner.indices) if index is None else [inner.indices[i] for i in index]
+        inner = inner.dataset
+    samples = getattr(inner, "samples", None)
     if samples is None:
-        inner = getattr(dataset, "dataset", dataset)
-        h.update(f"{type(inner).__name__} {getattr(inner, 'task', '')} {getattr(inner, 'split', '')} {len(dataset)}".encode())
+        task, split = getattr(inner, "task", ""), getattr(inner, "split", "")
+        h.update(f"{type(inner).__name__} {task} {split} {len(inner)}".encode())
+        h.update(b"" if index is None else json.dumps([int(i) for i in index]).encode())
         h.update(open(inspect.getsourcefile(type(inner)), "rb").read())
         return h.hexdigest()
-    for path, label in samples:
+    for path, label in (samples if index is None else [samples[i] for i in index]):
         try:
             st = os.stat(path)
         except OSError:
             raise FileNotFoundError(f"{path} is listed in the dataset but cannot be read; restore it or fix the split file") from None
-        h.update(f"{path}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        h.update(f"{path}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\n".encode())
     return h.hexdigest()
 
 

@@ -416,6 +416,124 @@ def test_empty_folder_is_an_error(tmp_path):
         data.build_dataset(str(tmp_path), split="train")
 
 
+@pytest.mark.parametrize("subtrees", [False, True])
+def test_hidden_entries_are_never_classes_or_images(tmp_path, subtrees):
+    bases = [tmp_path / "train", tmp_path / "test"] if subtrees else [tmp_path]
+    for base in bases:
+        for name in ("cat", "dog"):
+            for k in range(4):
+                _write(str(base / name / f"{k}.png"))
+        for hidden in (".thumbnails/0.png", ".thumbnails/1.png", ".thumbnails/2.png",
+                       "cat/.cache/0.png", "cat/._0.png", "dog/.1.png"):
+            _write(str(base / hidden), b"not an image: a thumbnail cache or macOS's AppleDouble")
+    splits = [data.build_dataset(str(tmp_path), split=s) for s in data.SPLITS]
+    assert all(ds.classnames == ["cat", "dog"] for ds in splits)
+    paths = [p for ds in splits for p, _ in ds.samples]
+    assert len(paths) == (24 if subtrees else 8)   # with sub-trees, val reads test/
+    assert not any(f"{os.sep}." in p for p in paths)
+    assert all(ds[i][0].size == (6, 5) for ds in splits for i in range(len(ds)))
+
+
+def test_hidden_entries_in_imagenet_folders_are_skipped(tmp_path):
+    names = _imagenet_names(tmp_path)
+    image_dir = tmp_path / "imagenet-adversarial" / "imagenet-a"
+    for wnid, _ in names[::5]:
+        _write(str(image_dir / wnid / "a.jpg"))
+    _write(str(image_dir / ".ipynb_checkpoints" / "a.jpg"))
+    _write(str(image_dir / names[0][0] / "._a.jpg"), b"macOS AppleDouble")
+    ds = data.build_dataset("imagenet_a", tmp_path)
+    assert ds.classnames == [n for _, n in names[::5]] and ds.targets == list(range(200))
+    v2 = tmp_path / "imagenetv2" / "imagenetv2-matched-frequency-format-val"
+    for y in range(1000):
+        (v2 / str(y)).mkdir(parents=True)
+    _write(str(v2 / "2" / "x.jpeg"))
+    _write(str(v2 / "2" / ".x.jpeg"))
+    _write(str(v2 / ".trash" / "y.jpeg"))
+    assert data.build_dataset("imagenet_v2", tmp_path).samples == [(str(v2 / "2" / "x.jpeg"), 2)]
+
+
+def _linked_tree(root):
+    """dog/ with a sub-folder and a linked image file, cat/ a link to a folder outside the tree."""
+    for k in range(3):
+        _write(str(root / "elsewhere" / "cats" / f"{k}.png"))
+        _write(str(root / "tree" / "dog" / ("puppies" if k else "") / f"{k}.png"))
+    _write(str(root / "elsewhere" / "dog.png"))
+    os.symlink(root / "elsewhere" / "cats", root / "tree" / "cat")
+    os.symlink(root / "elsewhere" / "dog.png", root / "tree" / "dog" / "3.png")
+    return root / "tree"
+
+
+@pytest.mark.parametrize("target", ["..", ".", "../..", "elsewhere"])
+def test_a_link_to_a_folder_inside_a_class_folder_is_refused(tmp_path, target):
+    from torchvision.datasets import ImageFolder
+    tree = _linked_tree(tmp_path)
+    ds = data.build_dataset(str(tree), split="train")   # the legitimate links are read as before
+    assert ds.classnames == ["cat", "dog"] and len(ds) == 4
+    assert all(p.startswith(str(tree)) for p, _ in ds.samples)
+    for s in data.SPLITS:   # torchvision's ImageFolder reads the same images in the same order
+        assert data.build_dataset(str(tree), split=s).samples == data._split_per_class(
+            ImageFolder(str(tree)).samples, s)
+    link = tree / "dog" / "more"
+    os.symlink(tmp_path / target if target == "elsewhere" else target, link)
+    with pytest.raises(ValueError) as e:
+        data.build_dataset(str(tree), split="test")
+    text = _one_line(e)
+    assert text.startswith(f"{link} is a link to the folder ") and "not to folders" in text
+
+
+@pytest.mark.parametrize("link, target, expected", [
+    ("kitten", "cat", "both lead to"), ("kitten", "cat/young", "inside class folder"),
+    ("all", ".", "which holds"), ("all", "..", "which holds")])
+def test_a_class_folder_linked_back_into_the_tree_is_refused(tmp_path, link, target, expected):
+    for k in range(3):
+        _write(str(tmp_path / "tree" / "cat" / "young" / f"{k}.png"))
+        _write(str(tmp_path / "tree" / "dog" / f"{k}.png"))
+    os.symlink(target, tmp_path / "tree" / link)
+    with pytest.raises(ValueError) as e:
+        data.build_dataset(str(tmp_path / "tree"), split="test")
+    text = _one_line(e)
+    assert str(tmp_path / "tree" / link) in text and expected in text
+
+
+# ----- fingerprint ----------------------------------------------------------------------------------
+
+
+def test_fingerprint_changes_when_two_class_folders_swap_names(tmp_path):
+    for name in ("cat", "dog"):
+        for k in range(4):
+            _write(str(tmp_path / name / f"{k}.png"))
+            os.utime(tmp_path / name / f"{k}.png", ns=(10**18, 10**18))   # one time, as from a tar
+
+    def swap():
+        for old, new in (("cat", "tmp"), ("dog", "cat"), ("tmp", "dog")):
+            os.rename(tmp_path / old, tmp_path / new)
+
+    before = data.build_dataset(str(tmp_path), split="train")
+    printed = data.fingerprint(before)
+    assert data.fingerprint(data.build_dataset(str(tmp_path), split="train")) == printed
+    swap()
+    after = data.build_dataset(str(tmp_path), split="train")
+    assert after.samples == before.samples and len(after) == 4   # same paths, labels, sizes, times
+    assert data.fingerprint(after) != printed
+    swap()
+    assert data.fingerprint(after) == printed
+
+
+def test_fingerprint_of_a_few_shot_subset_covers_its_images(tmp_path):
+    _two_class_tree(tmp_path, n=4)
+    ds = data.build_dataset(str(tmp_path), split="train", transform=data.eval_transform(4))
+    sub = data.few_shot(ds, 2, seed=0)
+    chosen = data.ImageList([ds.samples[i] for i in sub.indices], ds.classnames)
+    assert data.fingerprint(sub) == data.fingerprint(chosen) != data.fingerprint(ds)
+    assert data.fingerprint(data.few_shot(ds, 2, seed=1)) != data.fingerprint(sub)
+    before = data.fingerprint(sub)
+    unused = next(p for i, (p, _) in enumerate(ds.samples) if i not in sub.indices)
+    os.utime(unused, ns=(1, 1))
+    assert data.fingerprint(sub) == before
+    os.utime(ds.samples[sub.indices[0]][0], ns=(1, 1))
+    assert data.fingerprint(sub) != before
+
+
 # ----- few-shot sampling ------------------------------------------------------------------------
 
 
