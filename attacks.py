@@ -6,10 +6,13 @@ images in [0,1] (B, ...) to logits (B, C); put it in eval mode first. x_adv has 
 and device and lies in the eps ball around x (L-inf unless norm="l2") intersected with [0,1].
 Attacks are batched and seeded with a private generator, and stop spending work on a point once
 the model misclassifies it (except pgd(..., early_stop=False), the plain fixed-step version that
-training uses, also on a loss of its own: pgd(..., loss=...)). Gradients are taken in x's float
-precision (at least float32, also under autocast) with torch.autograd.grad w.r.t. the input only,
-so the model's parameters never get a .grad. Bad arguments (images not floats in [0,1], eps or
-alpha beyond the pixel range, negative counts) are refused with a one-line ValueError.
+training uses, also on a loss of its own: pgd(..., loss=...)). Steps do not depend on the precision
+the model computes in (fp16, bf16, autocast): the loss is computed on a float64 copy of the logits
+and its gradient, rescaled per point to a max-abs in [1, 2), is what flows back through the model,
+so a confident point's softmax gradient cannot underflow to zero in fp16 (see _loss_grad). Input
+gradients come from torch.autograd.grad w.r.t. the input only, so the model's parameters never get
+a .grad. Bad arguments (images not floats in [0,1], eps or alpha beyond the pixel range, negative
+counts, labels that are not classes of the model) are refused with a one-line ValueError.
 shared/ATTACKS.md restates the algorithms; fra31/auto-attack is the reference implementation.
 """
 import math
@@ -145,6 +148,24 @@ def _predict(model, x):
         return model(x).argmax(1)
 
 
+def _check_labels(y, z):
+    """Refuse labels (B,) that are not classes of logits z (B, C): out of range, the attack would
+    silently count the point as misclassified (or crash inside the loss)."""
+    bad = (y < 0) | (y >= z.shape[1])
+    if bad.any():  # one sync, once per attack
+        raise ValueError(f"label {int(y[bad][0])} is not a class of the model, which gives "
+                         f"{z.shape[1]} logits (classes 0 to {z.shape[1] - 1}); check the labels "
+                         "against the class names")
+
+
+def _clean_logits(model, x, y):
+    """The model's logits (B, C) on the clean images, without a graph, its labels y checked."""
+    with torch.no_grad():
+        z = model(x)
+    _check_labels(y, z)
+    return z
+
+
 def _input_grad(loss, x):
     """Gradient of loss.sum() w.r.t. x only; zeros where the loss ignores x (constant logits)."""
     if not loss.requires_grad:
@@ -153,16 +174,39 @@ def _input_grad(loss, x):
     return torch.zeros_like(x) if g is None else g
 
 
-def _loss_grad(model, x, y, loss_fn, t=None, eot=1):
-    """Loss (B,), its gradient w.r.t. x and the logits, each averaged over `eot` forward passes."""
+def _loss_grad(model, x, y, loss_fn, t=None, eot=1, labels=False):
+    """Loss (B,), its gradient w.r.t. x times a positive factor per point (B, ...) and the logits
+    (B, C), each averaged over `eot` forward passes; labels=True checks y against the logits."""
     x = x.detach().requires_grad_(True)
-    loss = grad = logits = 0
+    loss, logits, grads, scales = 0, 0, [], []
     for _ in range(eot):
         with torch.enable_grad():  # also when the caller runs under torch.no_grad()
-            z = model(x).to(x.dtype)
-            l = loss_fn(z, y, t)
-            grad = grad + _input_grad(l, x)
-        loss, logits = loss + l.detach(), logits + z.detach()
+            z = model(x)
+            if labels:
+                _check_labels(y, z)
+            # The loss and its gradient g_z w.r.t. the logits are computed on a float64 copy of z,
+            # and g_z / p, p the largest power of 2 <= max|g_z| of the point, flows back through the
+            # model: a confident point's softmax gradient (e^-margin, below fp16's smallest number
+            # beyond a margin of ~17) would underflow to 0 in an fp16 model's backward and the attack
+            # would never move. Sign and L2-normalised steps ignore a positive factor per point, and
+            # a power of 2 scales exactly (FAB's margin loss has p = 1: its gradient is the true one).
+            wide = torch.float32 if z.device.type == "mps" else torch.float64  # mps has no float64
+            if loss_fn not in (_ce, _dlr, _dlr_targeted, _target_margin):  # pgd(loss=...): closures
+                wide = x.dtype  # may hold float32 tensors: x's precision (>= float32), as always
+            zw = z.detach().to(wide).requires_grad_(True)
+            l = loss_fn(zw, y, t)
+            g_z = _input_grad(l, zw)
+            p = torch.exp2(torch.floor(torch.log2(g_z.flatten(1).abs().amax(1))))  # 0 where g_z = 0
+            g = None
+            if z.requires_grad:
+                g_out = (g_z / _bc(torch.where(p > 0, p, 1), g_z)).to(z.dtype)
+                (g,) = torch.autograd.grad(z, x, g_out, allow_unused=True)
+            grads.append(torch.zeros_like(x) if g is None else g)
+            scales.append(p)
+        loss, logits = loss + l.detach().to(x.dtype), logits + z.detach().to(x.dtype)
+    # EOT averages true gradients: pass k weighs p_k / max_k p_k
+    top = torch.stack(scales).amax(0)
+    grad = sum(g * _bc(torch.where(top > 0, p / top, 0).to(g.dtype), g) for g, p in zip(grads, scales))
     return loss / eot, grad / eot, logits / eot
 
 
@@ -203,12 +247,12 @@ def _target_margin(z, y, t):
 def fgsm(model, x, y, eps):
     """One signed-gradient step of size eps on the cross-entropy: (B, ...) -> (B, ...)."""
     x0, y = _prepare(x, y, eps)
-    _, g, _ = _loss_grad(model, x0, y, _ce)
+    _, g, _ = _loss_grad(model, x0, y, _ce, labels=True)
     return _project(x0 + eps * g.sign(), x0, eps, "linf").to(x.dtype)
 
 
 def pgd(model, x, y, eps, alpha, steps, random_start=True, norm="linf", early_stop=True, seed=None,
-        x_init=None, loss=None):
+        x_init=None, loss=None, momentum=0.0):
     """PGD on the cross-entropy or a given loss: images (B, ...), labels (B,) -> x_adv (B, ...).
 
     Madry et al. 2018, "Towards Deep Learning Models Resistant to Adversarial Attacks".
@@ -230,30 +274,35 @@ def pgd(model, x, y, eps, alpha, steps, random_start=True, norm="linf", early_st
             one loss per image, that PGD ascends instead, e.g. a closure for TRADES' KL
             divergence from the clean prediction or FARE's squared L2 distance to fixed target
             embeddings. Needs early_stop=False, as the outputs need not be logits.
+        momentum (0.0): the sign momentum of FARE's training attack (Schlarmann et al. 2024,
+            chs20/RobustVLM train/pgd_train.py, where it is 0.9): with d() the unit steepest-ascent
+            direction (sign for L-inf, g / ||g||_2 for L2), a velocity v = 0 becomes
+            v <- d(momentum * v + d(grad)) at each step, and the step goes along v. 0: plain PGD.
     Usage: x_adv = pgd(model, x, y, eps=4/255, alpha=1/255, steps=10)
     """
     x0, y = _prepare(x, y, eps, norm)
     _check_radius("alpha", alpha, norm, x)
     _check_count("steps", steps, 0)
     loss_fn = _ce if loss is None else _custom_loss(loss, early_stop)
-    if x_init is not None and (not torch.is_tensor(x_init) or x_init.shape != x.shape):
-        got = tuple(x_init.shape) if torch.is_tensor(x_init) else type(x_init).__name__
-        raise ValueError(f"x_init must be a tensor of the images' shape {tuple(x.shape)}, "
-                         f"got {got}")
-    if x_init is not None:
-        x_adv = _project(x_init.detach().to(x0.dtype), x0, eps, norm)
-    elif random_start:
-        x_adv = _random_start(x0, eps, norm, _generator(seed, x.device), False)
-    else:
-        x_adv = x0
+    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) \
+            or not 0 <= momentum < math.inf:
+        raise ValueError(f"momentum must be a number >= 0 such as 0.9 (FARE's), got {momentum!r}")
+    x_adv = _pgd_start(x0, eps, norm, random_start, seed, x_init)
+    v = torch.zeros_like(x_adv)  # the momentum's velocity
+
+    def step_along(g, v):  # -> (direction of the step, new velocity)
+        d = _direction(g, norm)
+        return (d, v) if not momentum else (_direction(momentum * v + d, norm),) * 2
+
     if not early_stop:
-        for _ in range(steps):
-            _, g, _ = _loss_grad(model, x_adv, y, loss_fn)
-            x_adv = _project(x_adv + alpha * _direction(g, norm), x0, eps, norm)
+        for step in range(steps):
+            _, g, _ = _loss_grad(model, x_adv, y, loss_fn, labels=step == 0 and loss is None)
+            d, v = step_along(g, v)
+            x_adv = _project(x_adv + alpha * d, x0, eps, norm)
         return x_adv.to(x.dtype)
     out = x0.clone()
-    i = (_predict(model, x0) == y).nonzero()[:, 0]
-    x_nat, y, x_adv = x0[i], y[i], x_adv[i]
+    i = (_clean_logits(model, x0, y).argmax(1) == y).nonzero()[:, 0]
+    x_nat, y, x_adv, v = x0[i], y[i], x_adv[i], v[i]
     g = torch.zeros_like(x_adv)
     for step in range(steps + 1):
         if not len(i):
@@ -267,11 +316,26 @@ def pgd(model, x, y, eps, alpha, steps, random_start=True, norm="linf", early_st
         if fooled.any():
             out[i[fooled]] = x_adv[fooled]
             keep = ~fooled
-            i, x_nat, y, x_adv, g = i[keep], x_nat[keep], y[keep], x_adv[keep], g[keep]
+            i, x_nat, y, x_adv, g, v = i[keep], x_nat[keep], y[keep], x_adv[keep], g[keep], v[keep]
         if step < steps:
-            x_adv = _project(x_adv + alpha * _direction(g, norm), x_nat, eps, norm)
+            d, v = step_along(g, v)
+            x_adv = _project(x_adv + alpha * d, x_nat, eps, norm)
     out[i] = x_adv
     return out.to(x.dtype)
+
+
+def _pgd_start(x, eps, norm, random_start, seed, x_init):
+    """pgd's first iterate (B, ...): x_init projected onto the ball and box, else a random point of
+    the ball (random_start), else x itself."""
+    if x_init is not None and (not torch.is_tensor(x_init) or x_init.shape != x.shape):
+        got = tuple(x_init.shape) if torch.is_tensor(x_init) else type(x_init).__name__
+        raise ValueError(f"x_init must be a tensor of the images' shape {tuple(x.shape)}, "
+                         f"got {got}")
+    if x_init is not None:
+        return _project(x_init.detach().to(x.dtype), x, eps, norm)
+    if random_start:
+        return _random_start(x, eps, norm, _generator(seed, x.device), False)
+    return x
 
 
 def _custom_loss(loss, early_stop):
@@ -362,7 +426,7 @@ def apgd(model, x, y, eps, steps=100, loss="ce", restarts=1, seed=0, norm="linf"
     _check_count("restarts", restarts, 1)
     _check_count("eot", eot, 1)
     gen, out = _generator(seed, x.device), x0.clone()
-    robust = _predict(model, x0) == y
+    robust = _clean_logits(model, x0, y).argmax(1) == y
     for _ in range(restarts):
         i = robust.nonzero()[:, 0]
         if not len(i):
@@ -379,8 +443,7 @@ def apgd_targeted(model, x, y, eps, steps=100, n_targets=9, seed=0, norm="linf")
     _check_count("steps", steps, 0)
     _check_count("n_targets", n_targets, 1)
     gen, out = _generator(seed, x.device), x0.clone()
-    with torch.no_grad():
-        z = model(x0)
+    z = _clean_logits(model, x0, y)
     robust = z.argmax(1) == y
     targets = z.argsort(1, descending=True)[:, 1:n_targets + 1]
     for k in range(targets.shape[1]):
@@ -461,8 +524,7 @@ def fab_targeted(model, x, y, eps, steps=100, n_targets=9, early_stop=True):
     x0, y = _prepare(x, y, eps)
     _check_count("steps", steps, 0)
     _check_count("n_targets", n_targets, 1)
-    with torch.no_grad():
-        z = model(x0)
+    z = _clean_logits(model, x0, y)
     correct = z.argmax(1) == y
     targets = z.argsort(1, descending=True)[:, 1:n_targets + 1]
     out, dist = x0.clone(), torch.full((len(x0),), math.inf, dtype=x0.dtype, device=x0.device)
@@ -503,7 +565,7 @@ def square(model, x, y, eps, queries=5000, p_init=0.8, seed=0):
     def sign(*shape):  # random +-1
         return 2 * torch.randint(0, 2, shape, generator=gen, device=x.device) - 1
 
-    i = (_predict(model, x0) == y).nonzero()[:, 0]
+    i = (_clean_logits(model, x0, y).argmax(1) == y).nonzero()[:, 0]
     if not len(i):
         return out.to(x.dtype)
     xa, ya = x0[i], y[i]
@@ -539,14 +601,17 @@ def square(model, x, y, eps, queries=5000, p_init=0.8, seed=0):
 
 def autoattack(model, x, y, eps, version="standard", seed=0, steps=100, queries=5000,
                return_info=False):
-    """AutoAttack (Croce & Hein 2020, L-inf): (B, ...) -> x_adv (B, ...).
+    """AutoAttack (Croce & Hein 2020, L-inf) or its reduced ensemble: (B, ...) -> x_adv (B, ...).
 
     Members run in the published order, each on the points still robust, and each point keeps
     the first adversarial found (the worst case). "standard": APGD-CE, APGD-T (9 targets),
     FAB-T (9 targets), Square (`queries`); "rand", for randomised defences: APGD-CE and APGD-DLR
-    with 20 EOT samples per gradient. With return_info, returns (x_adv, info): info["clean"] and
-    info["robust"] count the points classified correctly before and after, info[member] the
-    points that member broke, e.g. {"clean": 90, "apgd-ce": 50, ..., "robust": 30}."""
+    with 20 EOT samples per gradient. "apgd-ce+apgd-t" is NOT AutoAttack but the reduced ensemble
+    that TeCoA (Mao et al. 2023) and RobustVLM (Schlarmann et al. 2024) report as "AA": APGD-CE
+    then APGD-T (9 targets); name it "apgd-ce+apgd-t" in results. With return_info, returns
+    (x_adv, info): info["clean"] and info["robust"] count the points classified correctly before
+    and after, info[member] the points that member broke, e.g. {"clean": 90, "apgd-ce": 50, ...,
+    "robust": 30}."""
     members = {
         "standard": [("apgd-ce", partial(apgd, steps=steps, seed=seed)),
                      ("apgd-t", partial(apgd_targeted, steps=steps, seed=seed)),
@@ -555,13 +620,14 @@ def autoattack(model, x, y, eps, version="standard", seed=0, steps=100, queries=
         "rand": [("apgd-ce", partial(apgd, steps=steps, seed=seed, eot=20)),
                  ("apgd-dlr", partial(apgd, steps=steps, loss="dlr", seed=seed, eot=20))],
     }
+    members["apgd-ce+apgd-t"] = members["standard"][:2]
     if version not in members:
-        raise ValueError(f"version must be 'standard' or 'rand', got {version!r}")
+        raise ValueError(f"version must be 'standard', 'rand' or 'apgd-ce+apgd-t', got {version!r}")
     x0, y = _prepare(x, y, eps)
     _check_count("steps", steps, 0)
     _check_count("queries", queries, 0)
     out = x0.clone()
-    robust = _predict(model, x0) == y
+    robust = _clean_logits(model, x0, y).argmax(1) == y
     info = {"clean": int(robust.sum())}
     for name, attack in members[version]:
         i = robust.nonzero()[:, 0]

@@ -179,6 +179,104 @@ def test_hyperplane_projection_is_the_smallest_linf_step():
     assert torch.allclose(d.abs()[~reachable], full_move[~reachable])
 
 
+# ----------------------------------------------------------------------------- models that compute in fp16
+
+def cosine_classifier(n=40, seed=0, eps=16 / 255):
+    """CLIP's head at toy size: images (n, 3, 8, 8) -> a linear embedding (16) -> normalised -> 100 x
+    cosine with 10 orthonormal class embeddings, computed in a dtype of the caller's: make(dtype) is
+    the model (logits returned in float32, as evaluate.py returns them). Its decisions are linear
+    (argmax of e.c_k), so d_min, the smallest L-inf perturbation that fools a point, has the linear
+    model's closed form (the box ignored). Every point is confident (logit margins ~25-60: its softmax
+    gradient is below fp16's smallest number); even points have d_min ~0.2-0.6 eps, odd ones > eps.
+    -> (make, x, y, d_min)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(16, 192, generator=g, dtype=torch.float64) / 192 ** 0.5
+    b = -0.5 * w.sum(1)  # the embedding of a grey image is 0
+    c = torch.linalg.qr(torch.randn(16, C, generator=g, dtype=torch.float64))[0].T  # (C, 16)
+    y, j = torch.arange(n) % C, (torch.arange(n) + 1 + torch.randint(0, C - 1, (n,), generator=g)) % C
+    a = 0.35 + 0.25 * torch.rand(n, generator=g, dtype=torch.float64)  # e ~ c_y + a c_j: margin 100 (1-a)/|e|
+    r = torch.where(torch.arange(n) % 2 == 0, 0.2 + 0.4 * torch.rand(n, generator=g, dtype=torch.float64),
+                    1.6 + torch.rand(n, generator=g, dtype=torch.float64))  # d_min / eps before the box
+    lin_w = c @ w  # the linear classifier: class scores x.flatten() @ lin_w.T + c @ b
+    scale = r * eps * (lin_w[y] - lin_w[j]).abs().sum(1) / (1 - a)
+    e = scale[:, None] * (c[y] + a[:, None] * c[j])
+    x = (0.5 + e @ torch.linalg.pinv(w).T).clamp(0, 1)
+    scores = x @ lin_w.T + c @ b
+    margin = scores.gather(1, y[:, None]) - scores
+    dual = (lin_w[y][:, None] - lin_w[None]).abs().sum(-1)
+    d_min = (margin / dual).masked_fill(F.one_hot(y, C).bool(), float("inf")).amin(1)
+
+    def make(dtype):
+        wd, bd, cd = w.to(dtype), b.to(dtype), c.to(dtype)
+        return lambda v: (100 * F.normalize(v.flatten(1).to(dtype) @ wd.T + bd, dim=1) @ cd.T).float()
+    return make, x.float().view(n, 3, 8, 8), y, d_min
+
+
+PRECISION_RUNS = {
+    "pgd": lambda m, x, y, e: A.pgd(m, x, y, e, 2 / 255, 20, seed=0),
+    "pgd-plain": lambda m, x, y, e: A.pgd(m, x, y, e, 2 / 255, 20, early_stop=False, seed=0),
+    "apgd-ce": lambda m, x, y, e: A.apgd(m, x, y, e, steps=20),
+    "apgd-t": lambda m, x, y, e: A.apgd_targeted(m, x, y, e, steps=20),
+    "aa": lambda m, x, y, e: A.autoattack(m, x, y, e, steps=20, queries=100),
+}
+
+
+def test_attacks_break_the_same_points_when_the_model_computes_in_fp16():
+    """The measured bug: a confident point's softmax gradient underflowed to 0 in the fp16 backward,
+    and PGD and APGD-CE broke none of the points they break on the same model in fp32."""
+    eps = 16 / 255
+    make, x, y, d_min = cosine_classifier(eps=eps)
+    assert not ((d_min > 0.7 * eps) & (d_min < 1.2 * eps)).any()  # each point clearly breakable or not
+    breakable = d_min < eps
+    assert int(breakable.sum()) == 20
+    for dtype in (torch.float32, torch.float16):
+        model = make(dtype)
+        z = model(x).sort(1, descending=True)
+        assert torch.equal(z.indices[:, 0], y) and (z.values[:, 0] - z.values[:, 1]).min() > 20
+        for name, run in PRECISION_RUNS.items():
+            broken = model(run(model, x, y, eps)).argmax(1) != y
+            assert torch.equal(broken, breakable), (name, dtype)
+
+
+def test_loss_grad_direction_is_the_fp32_models_in_any_precision():
+    """On an fp32 model the step direction is the plain autograd gradient's (FAB's margin gradient is
+    that gradient itself); on the fp16 twin of a confident model it is the float64 model's, where it
+    was 0; EOT weighs each pass by its true gradient's size."""
+    model, x = tiny_cnn(), images()
+    y = labels_mostly_right(model, x)
+    t = (y + 3) % C
+    for loss_fn in (A._ce, A._dlr, A._dlr_targeted, A._target_margin):
+        _, g, _ = A._loss_grad(model, x, y, loss_fn, t)
+        v = x.clone().requires_grad_(True)
+        (plain,) = torch.autograd.grad(loss_fn(model(v), y, t).sum(), v)
+        assert (plain != 0).float().mean() > 0.9
+        nz = plain != 0
+        assert torch.equal(g.sign()[nz], plain.sign()[nz]), loss_fn.__name__
+        k = plain.flatten(1).norm(dim=1) > 0  # DLR of a point whose y is z_pi3 is flat up to its 1e-12
+        factor = g[k].flatten(1).norm(dim=1) / plain[k].flatten(1).norm(dim=1)  # one factor > 0 per point
+        assert torch.allclose(g[k], plain[k] * factor.view(-1, 1, 1, 1), rtol=1e-4, atol=1e-6 * g.abs().max())
+        if loss_fn is A._target_margin:
+            assert torch.equal(g, plain)
+    make, x, y, _ = cosine_classifier()
+    v = x.double().requires_grad_(True)
+    (exact,) = torch.autograd.grad(A._ce(make(torch.float64)(v).double(), y).sum(), v)
+    for dtype in (torch.float32, torch.float16):
+        _, g, _ = A._loss_grad(make(dtype), x, y, A._ce)
+        agree = (g.sign() == exact.sign()).float().mean()
+        assert agree > (0.99 if dtype == torch.float16 else 0.999), (dtype, agree)
+    # EOT: a model that alternates between two confidences; pass 2's gradient is e^-40 of pass 1's
+    calls = []
+
+    def alternating(v):
+        calls.append(1)
+        return make(torch.float32)(v) * (1 if len(calls) % 2 else 2)
+    _, g, _ = A._loss_grad(alternating, x, y, A._ce, eot=2)
+    v = x.double().requires_grad_(True)
+    z = make(torch.float64)(v).double()
+    (true,) = torch.autograd.grad((A._ce(z, y) + A._ce(2 * z, y)).sum(), v)
+    assert (g.sign() == true.sign()).float().mean() > 0.999
+
+
 # ----------------------------------------------------------------------------- ensemble
 
 def test_autoattack_is_at_least_as_strong_as_each_member():
@@ -200,6 +298,37 @@ def test_autoattack_is_at_least_as_strong_as_each_member():
         == info["robust"]
     assert 0 < info["robust"] < info["clean"]
     assert list(info) == ["clean", "apgd-ce", "apgd-t", "fab-t", "square", "robust"]
+
+
+def test_apgd_ce_t_is_apgd_then_apgd_t_on_the_survivors_and_never_stronger_than_autoattack():
+    model, x = tiny_cnn(1), images(40, seed=1)
+    y = labels_mostly_right(model, x)
+    eps = 2 / 255
+
+    def fooled(v):
+        with torch.no_grad():
+            return model(v).argmax(1) != y
+
+    x_adv, info = A.autoattack(model, x, y, eps, "apgd-ce+apgd-t", seed=3, steps=20, return_info=True)
+    # by hand: APGD-CE on every point, APGD-T on those it left robust; a point keeps its first adversarial
+    correct = ~fooled(x)
+    ce = A.apgd(model, x, y, eps, steps=20, seed=3)
+    by_ce = correct & fooled(ce)
+    i = (correct & ~by_ce).nonzero()[:, 0]
+    t = A.apgd_targeted(model, x[i], y[i], eps, steps=20, seed=3)
+    by_t = torch.zeros_like(correct)
+    by_t[i] = model(t).argmax(1) != y[i]
+    expected = torch.where(by_ce[:, None, None, None], ce, x)
+    expected[i] = torch.where(by_t[i, None, None, None], t, x[i])
+    assert torch.equal(x_adv, expected)
+    assert info == {"clean": 30, "apgd-ce": int(by_ce.sum()), "apgd-t": int(by_t.sum()),
+                    "robust": int((correct & ~fooled(x_adv)).sum())}
+    assert info["apgd-ce"] > 0 and info["apgd-t"] > 0 and info["robust"] > 0
+    # standard AutoAttack runs the same two members first, then FAB-T and Square on what is left
+    x_aa, aa = A.autoattack(model, x, y, eps, seed=3, steps=20, queries=200, return_info=True)
+    assert not (~fooled(x_adv) & fooled(x)).any()
+    assert (fooled(x_aa) >= fooled(x_adv)).all() and aa["robust"] <= info["robust"]
+    assert (aa["apgd-ce"], aa["apgd-t"]) == (info["apgd-ce"], info["apgd-t"])
 
 
 # ----------------------------------------------------------------------------- degenerate models
@@ -261,6 +390,47 @@ def test_plain_pgd_is_the_fixed_step_loop():
         x_ref = x_ref.clamp(0, 1)
     x_adv = A.pgd(model, x, y, EPS, EPS / 4, 5, random_start=False, early_stop=False)
     assert torch.allclose(x_adv, x_ref, atol=1e-6)
+
+
+def test_pgd_momentum_is_fares_rule():
+    """momentum=0 is plain PGD; momentum > 0 is chs20/RobustVLM's rule, written out here for both norms, and
+    with early stopping each point follows the same path until it is fooled. Under L-inf, sign(0.9 v + sign(g))
+    is sign(g) wherever g != 0: the velocity only moves pixels whose gradient is 0, here those under 0.4."""
+    net, x = tiny_cnn(), images()
+    y = labels_mostly_right(net, x)
+    gen = torch.Generator().manual_seed(2)
+    for norm, eps, alpha in (("linf", EPS, EPS / 4), ("l2", 0.5, 0.1)):
+        model = (lambda v: net(v.clamp(min=0.4))) if norm == "linf" else net
+        start = (x + eps / 4 * torch.randn(x.shape, generator=gen)).clamp(0, 1)
+
+        def unit(g):
+            return g.sign() if norm == "linf" else F.normalize(g.flatten(1), dim=1).view_as(g)
+
+        def project(v):
+            d = v - x
+            d = d.clamp(-eps, eps) if norm == "linf" else d.flatten(1).renorm(2, 0, eps).view_as(d)
+            return (x + d).clamp(0, 1)
+
+        x_ref, velocity, fooled = project(start), torch.zeros_like(x), torch.zeros(len(x), dtype=torch.bool)
+        for _ in range(6):
+            x_ref.requires_grad_(True)
+            logits = model(x_ref)
+            fooled |= logits.argmax(1) != y
+            (g,) = torch.autograd.grad(F.cross_entropy(logits, y, reduction="sum"), x_ref)
+            velocity = unit(0.9 * velocity + unit(g))
+            x_ref = project(x_ref.detach() + alpha * velocity)
+        fooled |= model(x_ref).argmax(1) != y
+        args = (model, x, y, eps, alpha, 6)
+        plain = A.pgd(*args, norm=norm, early_stop=False, x_init=start)
+        assert torch.equal(A.pgd(*args, norm=norm, early_stop=False, x_init=start, momentum=0.0), plain)
+        fare = A.pgd(*args, norm=norm, early_stop=False, x_init=start, momentum=0.9)
+        assert torch.allclose(fare, x_ref, atol=1e-6)
+        gap = (fare - plain).flatten(1)
+        assert (gap.abs().amax(1) if norm == "linf" else gap.norm(dim=1)).max() > 1e-2  # momentum matters
+        stopped = A.pgd(*args, norm=norm, x_init=start, momentum=0.9)
+        assert 0 < int(fooled.sum()) < len(x)
+        assert torch.allclose(stopped[~fooled], x_ref[~fooled], atol=1e-6)
+        assert (model(stopped[fooled]).argmax(1) != y[fooled]).all()
 
 
 @pytest.mark.parametrize("name", ["pgd", "pgd-plain", "apgd-ce", "apgd-t", "square"])
@@ -414,6 +584,18 @@ def test_images_must_be_floats_in_unit_range(name):
         ENTRIES[name](model, x.tolist(), y, EPS)
 
 
+@pytest.mark.parametrize("name", [*ENTRIES, "pgd-plain", "apgd-ce+apgd-t"])
+def test_labels_that_are_not_classes_of_the_model_are_refused(name):
+    """An out-of-range label used to return x unchanged (the point counted as misclassified)."""
+    attack = {**ENTRIES, "pgd-plain": lambda m, x, y, e: A.pgd(m, x, y, e, 1 / 255, 1, early_stop=False),
+              "apgd-ce+apgd-t": lambda m, x, y, e: A.autoattack(m, x, y, e, "apgd-ce+apgd-t", steps=1)}[name]
+    model, x = tiny_cnn(), images(4)
+    for bad in (C, C + 5, -1):
+        with pytest.raises(ValueError) as e:
+            attack(model, x, torch.tensor([0, 1, bad, 2]), EPS)
+        assert _one_line(e) == (f"label {bad} is not a class of the model, which gives 10 logits (classes 0 "
+                                "to 9); check the labels against the class names")
+
 @pytest.mark.parametrize("name", ENTRIES)
 def test_eps_beyond_the_pixel_range_or_negative_is_refused(name):
     model, x = tiny_cnn(), images(4)
@@ -474,6 +656,10 @@ def test_l2_radius_is_bounded_by_the_box_diagonal():
     (lambda m, x, y: A.pgd(m, x, y.float(), EPS, EPS, 1), "y must be integer class indices"),
     (lambda m, x, y: A.pgd(m, x, y, EPS, EPS, 1, x_init=x[:2]),
      "x_init must be a tensor of the images' shape (4, 3, 8, 8), got (2, 3, 8, 8)"),
+    (lambda m, x, y: A.pgd(m, x, y, EPS, EPS, 1, momentum=-0.5),
+     "momentum must be a number >= 0 such as 0.9 (FARE's), got -0.5"),
+    (lambda m, x, y: A.pgd(m, x, y, EPS, EPS, 1, momentum="0.9"),
+     "momentum must be a number >= 0 such as 0.9 (FARE's), got '0.9'"),
 ])
 def test_bad_counts_are_one_line_errors(call, message):
     model, x = tiny_cnn(), images(4)
@@ -506,6 +692,12 @@ def test_pgd_with_per_sample_ce_loss_equals_the_default():
     default = A.pgd(model, x, y, EPS, EPS / 4, 5, early_stop=False, seed=3)
     custom = A.pgd(model, x, y, EPS, EPS / 4, 5, early_stop=False, seed=3, loss=ce)
     assert torch.equal(custom, default) and not torch.equal(default, x)
+    # L2 steps keep the gradient's rounding: the default's comes from a float64 loss, the custom one's
+    # from a float32 loss; on a float64 model both are float64, bit for bit
+    l2 = A.pgd(model, x, y, 0.5, 0.1, 5, norm="l2", early_stop=False, seed=3)
+    custom = A.pgd(model, x, y, 0.5, 0.1, 5, norm="l2", early_stop=False, seed=3, loss=ce)
+    assert torch.allclose(custom, l2, atol=1e-6) and not torch.equal(l2, x)
+    model, x = tiny_cnn(dtype=torch.float64), images(dtype=torch.float64)
     l2 = A.pgd(model, x, y, 0.5, 0.1, 5, norm="l2", early_stop=False, seed=3)
     assert torch.equal(A.pgd(model, x, y, 0.5, 0.1, 5, norm="l2", early_stop=False, seed=3, loss=ce), l2)
 
