@@ -26,6 +26,7 @@ Times are the best of --repeats runs taken in turns (CUDA: each run between sync
 Memory is torch.cuda.max_memory_allocated on CUDA; on the CPU, a proxy: the peak bytes of the
 tensors autograd keeps for backward (activations, weights excluded).
 """
+import collections
 import contextlib
 import datetime
 import io
@@ -516,11 +517,12 @@ def _op_label(name):
 
 
 def step_profile(events, device_time):
-    """Profiler events of attack steps -> {label: [forward us, backward us, of which casts/copies us]}, self times.
-    A forward op takes the label of its innermost labelled range (else its name's); a backward op that of the
-    forward op autograd recorded it for (same sequence number)."""
+    """Profiler events of attack steps -> ({label: [forward us, backward us, of which casts/copies us]} in self times,
+    {label: Counter of (phase 'forward' or 'backward', op name)}). A forward op takes the label of its innermost
+    labelled range (else its name's); a backward op that of the forward op autograd recorded it for (same sequence
+    number; a no-op cast such as .float() before an op shares the op's number, so casts name a node last)."""
     key = "self_device_time_total" if device_time else "self_cpu_time_total"
-    by_seq, table = {}, {}
+    by_seq, table, counts = {}, {}, {}
 
     def forward_label(e):
         a = e.cpu_parent
@@ -540,9 +542,10 @@ def step_profile(events, device_time):
 
     ops = [(e, backward_node(e)) for e in sorted(events, key=lambda e: e.time_range.start)
            if e.device_type == torch.autograd.DeviceType.CPU and not e.name.startswith("part:")]
-    for e, node in ops:  # forward ops first: their sequence numbers name the backward ops
-        if node is None and e.sequence_nr >= 0:
-            by_seq.setdefault(e.sequence_nr, forward_label(e) or _op_label(e.name))
+    for casts in (False, True):  # forward ops first: their sequence numbers name the backward ops
+        for e, node in ops:
+            if node is None and e.sequence_nr >= 0 and (e.name in CASTS) == casts:
+                by_seq.setdefault(e.sequence_nr, forward_label(e) or _op_label(e.name))
     for e, node in ops:
         if node is not None:
             label, phase = by_seq.get(node.sequence_nr, "other (normalisation, logits, loss, elementwise)"), 1
@@ -552,13 +555,14 @@ def step_profile(events, device_time):
         row[phase] += getattr(e, key)
         if _is_cast(e):
             row[2] += getattr(e, key)
-    return table
+        counts.setdefault(label, collections.Counter())[("forward", "backward")[phase], e.name] += 1
+    return table, counts
 
 
 def bench_profile(backbone, classes, batch, device, precision, steps=2):
     """torch.profiler over `steps` attack steps (forward + input-gradient backward of cross-entropy, as
     attacks.pgd takes them) of ours (nap preset, text features cached) after one warm-up step.
-    -> (table as step_profile gives it, per step; wall ms per step)."""
+    -> (times as step_profile gives them, per step; wall ms per step; op counts of all steps, by label)."""
     model = prompted(backbone, classes)
     fn = our_logits(model, device, precision)
     x, y = _images(model, batch, device), torch.arange(batch, device=device) % classes
@@ -576,8 +580,8 @@ def bench_profile(backbone, classes, batch, device, precision, steps=2):
                 step()
             _sync(device)
             wall = (time.perf_counter() - start) / steps
-    table = step_profile(prof.events(), device.type == "cuda")
-    return {label: [v / steps for v in row] for label, row in table.items()}, 1e3 * wall
+    table, counts = step_profile(prof.events(), device.type == "cuda")
+    return {label: [v / steps for v in row] for label, row in table.items()}, 1e3 * wall, counts
 
 
 def report_profile(table, wall_ms, title):
@@ -1041,7 +1045,7 @@ def gpu_suite(size, device, precision, out, peak_tflops=None):
                 raise RuntimeError(f"training steps failed: {'; '.join(failed)}")
 
         def part_profile():
-            table, wall = bench_profile(backbone, max(s.classes), s.profile_batch, device, precision)
+            table, wall, _ = bench_profile(backbone, max(s.classes), s.profile_batch, device, precision)
             report_profile(table, wall, f"Profile of one attack step ({max(s.classes)} classes, batch "
                                         f"{s.profile_batch}; {'GPU kernel' if device.type == 'cuda' else 'CPU'} self times).")
 
@@ -1283,7 +1287,7 @@ def main(argv=None):
                      args.peak_tflops or default_peak(device))
     if "profile" in args.bench:
         for n in args.classes:
-            table, wall = bench_profile(backbone, n, args.profile_batch, device, precision)
+            table, wall, _ = bench_profile(backbone, n, args.profile_batch, device, precision)
             report_profile(table, wall, f"Profile of one attack step of ours ({arch}, {n} classes, batch "
                                         f"{args.profile_batch}, {precision}; self times, "
                                         f"{'GPU kernels' if device.type == 'cuda' else 'CPU'}).")
