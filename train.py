@@ -3,18 +3,28 @@
     python train.py                                             # toy CLIP on the synthetic task, offline
     python train.py --dataset imagenet --arch ViT-B/16 --method nap
     python train.py --method advmaple --recipe nap              # a baseline with NAP's recipe
+    python train.py --method nap --recipe nap-logged            # NAP with the recipe of [D]'s one logged run
+    python train.py --dataset imagenet --method fare            # FARE's own budget: 20,000 steps on every image
     torchrun --nproc_per_node 8 train.py --dataset imagenet     # data-parallel, same results
 
 Each method trains with its source's recipe (recipes.py: loss, optimiser, schedule, data budget
-and training attack); every flag overrides its part. Each step makes adversarial images against
-the current model (L-inf PGD in pixel space) with the text features computed once and reused by
-every PGD iteration, then updates the trained tensors on the recipe's loss. `--out/checkpoint.pt`
-is written atomically after every epoch; `--resume` continues exactly that run (it refuses other
-settings) and reaches the same result as an uninterrupted run. Augmentation and PGD starts are
-drawn per image from (seed, epoch, index), so the result does not depend on the number of
-processes or loader workers.
+and training attack; `--help` lists each recipe's evidence); every flag overrides its part. Each
+step makes adversarial images against the current model (L-inf PGD in pixel space) with the text
+features computed once and reused by every PGD iteration, then updates the trained tensors on the
+recipe's loss. The learning rate follows the recipe's schedule: per epoch (Dassl's constant warm-up
+then cosine, [B][D]) or per step (a linear warm-up then cosine, [T][F]); a run lasts --epochs, or
+--max-steps optimiser steps ([F]). `--shots all` trains on every training image ([T][F]).
+
+`--out/checkpoint.pt` is written atomically after every epoch; `--resume` continues exactly that
+run, refusing other settings or other training data (data.fingerprint), and reaches the same
+result as an uninterrupted run: the trained tensors, optimiser, gradient scaler and RNG are
+restored, and FARE's target encoder f0 is always the backbone as loaded. Augmentation and PGD
+starts are drawn per image from (seed, epoch, index), so the result does not depend on the number
+of processes or loader workers.
 """
+import argparse
 import copy
+import errno
 import math
 import os
 import time
@@ -33,12 +43,18 @@ import runtime
 
 LOSSES = ("adv", "half", "trades", "curriculum", "fare")
 STARTS = ("random", "clean")
+SCHEDULES = ("epoch", "step")
 # Flags that do not change the trained model or its schedule; every other one must match on --resume.
 RUN_ONLY = ("workers", "device", "out", "resume")
 
 
+class EpilogFormatter(runtime.DefaultsFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help as runtime.Parser's, with the epilog's lines kept as written."""
+
+
 def parse_args(argv=None):
     p = runtime.Parser(description=__doc__.split("\n")[0], epilog=recipe_epilog())
+    p.formatter_class = EpilogFormatter  # the epilog's one line per recipe kept
     p.add_argument("--dataset", default="synthetic", help="a dataset name (see data.py), synthetic[-task], or a folder of class folders")
     p.add_argument("--data-root", default=None, help="where the datasets lie (default: $NAP_DATA, else ./data)")
     p.add_argument("--arch", default=None, help="toy, an OpenAI model name (ViT-B/16, ...) or a weights file "
@@ -47,55 +63,98 @@ def parse_args(argv=None):
                    help="replace the image encoder with these weights (TeCoA, FARE, QT-AFT files, or a tecoa/fare checkpoint.pt)")
     p.add_argument("--method", default="nap", choices=list(nap.PRESETS), help="a preset of nap.PRESETS")
     p.add_argument("--recipe", default=None, choices=list(recipes.RECIPES),
-                   help="train with this source's recipe (default: the method's own, recipes.METHOD_RECIPE)")
+                   help="train with this source's recipe (default: the method's own, recipes.METHOD_RECIPE; see below)")
     p.add_argument("--n-ctx", type=int, default=None, help="text and visual context length (default: the preset's)")
     p.add_argument("--depth", type=int, default=None, help="prompted layers J (default: the preset's, scaled to the backbone)")
     p.add_argument("--coupling", default=None, choices=nap.COUPLINGS, help="(default: the preset's)")
     p.add_argument("--refine", default=None, choices=nap.REFINE, help="TokenRefiners (default: the preset's)")
     p.add_argument("--refiner-init", default=None, choices=nap.REFINER_INITS, help="(default: the preset's)")
-    r = "(default: the recipe's)"
-    p.add_argument("--shots", type=int, default=None, help=f"training images per class {r}")
-    p.add_argument("--epochs", type=int, default=None, help=r)
-    p.add_argument("--batch-size", type=int, default=None, help=f"global batch size, split across torchrun processes {r}")
-    p.add_argument("--optimizer", default=None, choices=("sgd", "adamw"), help=r)
-    p.add_argument("--lr", type=float, default=None, help=f"peak learning rate {r}")
-    p.add_argument("--weight-decay", type=float, default=None, help=f"decoupled for adamw {r}")
-    p.add_argument("--warmup-epochs", type=int, default=None, help=f"epochs at --warmup-lr before the cosine schedule {r}")
-    p.add_argument("--warmup-lr", type=float, default=None, help=f"learning rate of the warm-up epochs {r}")
-    p.add_argument("--augment", default=None, choices=("crop-flip", "none"), help=f"random resized crop + flip, or none {r}")
-    p.add_argument("--eps", type=runtime.eps_arg, default=None, help=f"training attack's L-inf radius in pixels {r}")
-    p.add_argument("--alpha", type=runtime.eps_arg, default=None, help="PGD step size (default: the recipe's, "
-                                                                      "scaled with --eps)")
-    p.add_argument("--steps", type=int, default=None, help=f"PGD steps per training batch {r}")
-    p.add_argument("--start", default=None, choices=STARTS, help=f"PGD start: uniform in the ball, or the clean image {r}")
-    p.add_argument("--loss", default=None, choices=LOSSES, help=r)
-    p.add_argument("--beta", type=float, default=None, help=f"TRADES weight of KL(clean || adv) {r}")
-    p.add_argument("--clean-weight", type=float, default=None, help=f"tecoa/fare: weight of the clean term {r}")
+    add_recipe_flags(p)
     p.add_argument("--seed", type=int, default=1, help="few-shot draw, initialisation, augmentation and PGD starts")
     p.add_argument("--precision", default="auto", choices=["auto", *runtime.DTYPES],
                    help="auto: fp16 autocast on a GPU (with a gradient scaler), fp32 on the CPU")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--workers", type=int, default=4, help="data loader processes")
     p.add_argument("--out", default=None, help="output folder (default: runs/<method>-<dataset>)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out/checkpoint.pt (same settings)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out/checkpoint.pt (same settings and data)")
     args = p.parse_args(argv)
     args.arch = args.arch or runtime.default_arch(args.dataset)
     if args.method == "zeroshot":
         p.error("method 'zeroshot' has nothing to train; evaluate it with evaluate.py --method zeroshot")
-    recipe = recipes.recipe_for(args.method, args.recipe, toy=args.arch == "toy")
-    args.recipe = args.recipe or recipes.METHOD_RECIPE[args.method]
+    toy = args.arch == "toy"
+    recipe = recipes.recipe_for(args.method, args.recipe, toy=toy)
+    args.recipe = recipes.recipe_name(args.method, args.recipe, toy=toy)
     if args.alpha is None and args.eps is not None:  # the recipe's step, as a fraction of the radius actually used
         args.alpha = args.eps * recipe.alpha / recipe.eps
+    if args.epochs and args.max_steps is None:  # --epochs alone trains by epochs, whatever the recipe's budget
+        args.max_steps = 0
+    if args.max_steps and args.epochs is None:  # and --max-steps alone by steps
+        args.epochs = 0
     for flag, value in recipes.as_dict(recipe).items():
         if getattr(args, flag) is None:
             setattr(args, flag, value)
     args.out = args.out or os.path.join("runs", f"{args.method}-{os.path.basename(os.path.normpath(args.dataset))}")
-    checks = [(args.epochs >= 1, "--epochs must be >= 1"), (args.batch_size >= 1, "--batch-size must be >= 1"),
+    check_args(p, args)
+    return args
+
+
+def add_recipe_flags(p):
+    """The flags of every recipe field (recipes.Recipe), each defaulting to the recipe's value."""
+    r = "(default: the recipe's)"
+    p.add_argument("--shots", type=shots_arg, default=None,
+                   help=f"training images per class; all (or 0): every training image {r}")
+    p.add_argument("--epochs", type=int, default=None, help=f"passes over the training set; alone, it also sets "
+                                                           f"--max-steps 0 {r}")
+    p.add_argument("--max-steps", type=int, default=None, help=f"stop after this many optimiser steps, the last epoch "
+                                                              f"cut short; alone, it also sets --epochs 0; 0: train "
+                                                              f"--epochs epochs {r}")
+    p.add_argument("--batch-size", type=int, default=None, help=f"global batch size, split across torchrun processes {r}")
+    p.add_argument("--optimizer", default=None, choices=("sgd", "adamw"), help=f"sgd has momentum 0.9 {r}")
+    p.add_argument("--lr", type=float, default=None, help=f"peak learning rate {r}")
+    p.add_argument("--weight-decay", type=float, default=None, help=f"decoupled for adamw {r}")
+    p.add_argument("--schedule", default=None, choices=SCHEDULES,
+                   help=f"epoch: --warmup-epochs at --warmup-lr, then cosine per epoch (Dassl); step: a linear warm-up "
+                        f"over --warmup-steps, then cosine per step to 0 (open_clip) {r}")
+    p.add_argument("--warmup-epochs", type=int, default=None, help=f"--schedule epoch: epochs at --warmup-lr {r}")
+    p.add_argument("--warmup-lr", type=float, default=None, help=f"--schedule epoch: the warm-up epochs' lr {r}")
+    p.add_argument("--warmup-steps", type=int, default=None, help=f"--schedule step: steps of the linear warm-up {r}")
+    p.add_argument("--augment", default=None, choices=("crop-flip", "none"), help=f"random resized crop + flip, or none {r}")
+    p.add_argument("--eps", type=runtime.eps_arg, default=None, help=f"training attack's L-inf radius in pixels {r}")
+    p.add_argument("--alpha", type=runtime.eps_arg, default=None, help="PGD step size (default: the recipe's, "
+                                                                      "scaled with --eps)")
+    p.add_argument("--steps", type=int, default=None, help=f"PGD steps per training batch {r}")
+    p.add_argument("--start", default=None, choices=STARTS, help=f"PGD start: uniform in the ball, or the clean image {r}")
+    p.add_argument("--attack-momentum", type=float, default=None,
+                   help=f"PGD's sign momentum m: v <- sign(m v + sign(grad)), step along v; 0: plain PGD {r}")
+    p.add_argument("--loss", default=None, choices=LOSSES, help=r)
+    p.add_argument("--beta", type=float, default=None, help=f"TRADES weight of KL(clean || adv) {r}")
+    p.add_argument("--clean-weight", type=float, default=None, help=f"adv/fare losses: weight of the clean term {r}")
+
+
+def shots_arg(text: str) -> int:
+    """--shots: a count of images per class, or `all` (0) for every training image."""
+    if text.strip().lower() == "all":
+        return 0
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of images per class or 'all', got {text!r}") from None
+
+
+def check_args(p, args):
+    """Refuses settings that cannot train, in one line each (argparse's usage error)."""
+    checks = [(args.epochs >= 0 and args.max_steps >= 0, "--epochs and --max-steps must be >= 0"),
+              ((args.epochs > 0) != (args.max_steps > 0),
+               f"give the run's length once: --epochs {args.epochs} and --max-steps {args.max_steps} "
+               f"(--max-steps 0 trains by epochs; --epochs 0 by steps)"),
+              (args.batch_size >= 1, "--batch-size must be >= 1"),
               (args.steps >= 0, "--steps must be >= 0"), (args.lr > 0, "--lr must be > 0"),
-              (args.shots >= 1, "--shots must be >= 1"), (args.workers >= 0, "--workers must be >= 0"),
+              (args.shots >= 0, "--shots must be >= 1, or all"), (args.workers >= 0, "--workers must be >= 0"),
               (args.depth is None or args.depth >= 1, "--depth must be >= 1 (1 prompts the first layer only)"),
               (args.n_ctx is None or args.n_ctx >= 1, "--n-ctx must be >= 1"),
               (args.warmup_epochs >= 0, "--warmup-epochs must be >= 0"), (args.warmup_lr > 0, "--warmup-lr must be > 0"),
+              (args.warmup_steps >= 0, "--warmup-steps must be >= 0"),
+              (0 <= args.attack_momentum < 1, "--attack-momentum must be in [0, 1), e.g. 0.9 (FARE's)"),
               (args.weight_decay >= 0, "--weight-decay must be >= 0"), (args.beta >= 0, "--beta must be >= 0"),
               (0 <= args.clean_weight <= 1, "--clean-weight must be in [0, 1]"),
               (args.loss != "fare" or nap.PRESETS[args.method].finetune == "vision",
@@ -103,13 +162,18 @@ def parse_args(argv=None):
     for ok, message in checks:
         if not ok:
             p.error(message)
-    return args
 
 
 def recipe_epilog() -> str:
-    """--help's closing lines: which recipe each method trains with by default."""
-    pairs = ", ".join(f"{m}: {r}" for m, r in recipes.METHOD_RECIPE.items())
-    return f"Recipes (recipes.py): {pairs}. --arch toy changes {', '.join(recipes.TOY)} for every recipe."
+    """--help's closing lines: each recipe with its source tags and evidence, and which one each method trains with."""
+    lines = ["recipes (recipes.py; sources: [B] baselines, [D] NAP's development code, [T] TeCoA, [F] FARE, "
+             "[C] a choice of this implementation):"]
+    lines += [f"  {name}: {recipe.source}" for name, recipe in recipes.RECIPES.items()]
+    pairs = ", ".join(f"{m}: {r} {recipes.tag(r)}" for m, r in recipes.METHOD_RECIPE.items())
+    toy = ", ".join(f"{r} -> {t}" for r, t in recipes.TOY_RECIPE.items())
+    lines += [f"each method's own: {pairs}.",
+              f"--arch toy changes {', '.join(recipes.TOY)} for every recipe, and trains {toy}."]
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------- data: per-image seeded views
@@ -152,10 +216,10 @@ def epoch_batches(n: int, batch_size: int, epoch: int, seed: int, world: runtime
     return [([g[i] for i in positions(g)], torch.tensor([i < len(g) // 2 for i in positions(g)])) for g in batches]
 
 
-def make_loader(views: SeededViews, epoch: int, args, world, device):
-    """-> ((x, y, noise, clean mask) batches of this process for one epoch, their number)."""
+def make_loader(views: SeededViews, epoch: int, args, world, device, limit: int = None):
+    """-> ((x, y, noise, clean mask) batches of this process for one epoch, at most `limit` of them; their number)."""
     views.epoch = epoch
-    batches = epoch_batches(len(views), args.batch_size, epoch, args.seed, world)
+    batches = epoch_batches(len(views), args.batch_size, epoch, args.seed, world)[:limit]
     loader = DataLoader(views, batch_sampler=[b for b, _ in batches], num_workers=args.workers,
                         pin_memory=device.type == "cuda")
     return ((x, y, noise, mask) for (x, y, noise), (_, mask) in zip(loader, batches)), len(batches)
@@ -170,19 +234,26 @@ class AdversarialStep(torch.nn.Module):
     `half` loss keeps clean (the first half of the global batch, whichever process holds them).
     """
 
-    def __init__(self, model: nap.PromptedCLIP, args):
+    def __init__(self, model: nap.PromptedCLIP, args, epochs: int = None):
         super().__init__()
         self.model, self.args = model, args
-        if args.loss == "fare":  # f0: a frozen copy of the encoder as it was before training
+        self.epochs = epochs or args.epochs  # the curriculum's T: the run's epochs, also when --max-steps sets them
+        if args.loss == "fare":  # f0: a frozen copy of the encoder as it is now; build the step before any resume
             self.reference = copy.deepcopy(model.clip.visual).requires_grad_(False)
 
     def attack(self, fn, x, y, noise, loss=None):
         """PGD from the recipe's start: [N, 3, R, R] -> x_adv (fixed steps, last iterate, as in training)."""
-        a = self.args
-        if a.steps == 0:
+        if self.args.steps == 0:
             return x
-        start = (x + a.eps * noise).clamp(0, 1) if a.start == "random" else x
-        return attacks.pgd(fn, x, y, a.eps, a.alpha, a.steps, random_start=False, early_stop=False, x_init=start, loss=loss)
+        start = (x + self.args.eps * noise).clamp(0, 1) if self.args.start == "random" else x
+        return self.pgd(fn, x, y, start, loss)
+
+    def pgd(self, fn, x, y, start, loss=None):
+        """The recipe's PGD from `start` [N, 3, R, R] -> x_adv; its sign momentum only where it has one ([F])."""
+        a = self.args
+        momentum = {"momentum": a.attack_momentum} if a.attack_momentum else {}
+        return attacks.pgd(fn, x, y, a.eps, a.alpha, a.steps, random_start=False, early_stop=False, x_init=start,
+                           loss=loss, **momentum)
 
     def forward(self, x, y, noise, clean_mask, epoch: int):
         a, model = self.args, self.model
@@ -202,8 +273,7 @@ class AdversarialStep(torch.nn.Module):
             kl = lambda z, _: F.kl_div(F.log_softmax(z, 1), p_clean, reduction="none").sum(1)
             gauss = torch.special.erfinv(noise.clamp(-1 + 1e-6, 1 - 1e-6)) * 2 ** 0.5  # N(0, 1) from the uniform noise
             start = (x + 0.001 * gauss).clamp(0, 1)
-            x_adv = attacks.pgd(logits_fn, x, y, a.eps, a.alpha, a.steps, random_start=False, early_stop=False,
-                                x_init=start, loss=kl) if a.steps else x
+            x_adv = self.pgd(logits_fn, x, y, start, kl) if a.steps else x
             adv = model.logits(x_adv, text)
             loss = F.kl_div(F.log_softmax(adv, 1), F.softmax(clean, 1), reduction="batchmean")
             return F.cross_entropy(clean, y) + a.beta * loss, clean, adv
@@ -232,7 +302,7 @@ class AdversarialStep(torch.nn.Module):
         clean, adv = scale * f_clean @ text.t(), scale * f_adv @ text.t()
         consistency = sum((1 - F.cosine_similarity(c.flatten(1).float(), d.flatten(1).float())).mean()
                           for c, d in zip(h_clean, h_adv))
-        w = epoch / a.epochs
+        w = epoch / self.epochs
         return (1 - w) * F.cross_entropy(clean, y) + w * (F.cross_entropy(adv, y) + consistency), clean, adv
 
 
@@ -246,12 +316,29 @@ def scaled_depth(depth: int, backbone) -> int:
     return scaled
 
 
-def learning_rate(epoch: int, args) -> float:
-    """Constant warm-up lr for the first epochs, then cosine from lr towards 0 over the rest."""
+def run_length(args, per_epoch: int) -> tuple:
+    """(epochs, optimiser steps) of the run with `per_epoch` global batches an epoch: --epochs, or --max-steps."""
+    if args.max_steps:
+        return math.ceil(args.max_steps / per_epoch), args.max_steps
+    return args.epochs, args.epochs * per_epoch
+
+
+def learning_rate(args, epoch: int, epochs: int, step: int = 0, total: int = 1) -> float:
+    """The lr of global step `step` of `total` (0-based), in epoch `epoch` of `epochs`, by the recipe's schedule.
+
+    epoch [B][D]: Dassl's ConstantWarmupScheduler around CosineAnnealingLR(T_max=epochs), stepped once an
+    epoch: warmup_lr for the first warmup_epochs, then 0.5 lr (1 + cos(pi (epoch - warmup_epochs) / epochs))
+    ([D]'s log: 1e-6, 1e-4, 9.9384e-05, ... for 20 epochs). step [T][F]: cosine_lr of TeCoA's utils.py and of
+    open_clip, set before every step: lr (step + 1) / warmup_steps during the warm-up, then
+    0.5 lr (1 + cos(pi (step - warmup_steps) / (total - warmup_steps))).
+    """
+    if args.schedule == "step":
+        if step < args.warmup_steps:
+            return args.lr * (step + 1) / args.warmup_steps
+        return 0.5 * args.lr * (1 + math.cos(math.pi * (step - args.warmup_steps) / max(total - args.warmup_steps, 1)))
     if epoch < args.warmup_epochs:
         return args.warmup_lr
-    span = max(args.epochs - args.warmup_epochs, 1)
-    return 0.5 * args.lr * (1 + math.cos(math.pi * (epoch - args.warmup_epochs) / span))
+    return 0.5 * args.lr * (1 + math.cos(math.pi * (epoch - args.warmup_epochs) / epochs))
 
 
 def make_optimizer(params, args):
@@ -277,15 +364,66 @@ def load_resume(path: str, args):
 
 
 def show(flag: str, value) -> str:
-    """A flag's value as a user types it (radii in /255)."""
+    """A flag's value as a user types it (radii in /255, 0 shots as all)."""
+    if flag == "shots" and value == 0:
+        return "all"
     return f"{value * 255:.4g}/255" if flag in ("eps", "alpha") and isinstance(value, float) else str(value)
 
 
-def save(model, path, optimizer, epoch, record, history, backbone):
-    """Writes the epoch's checkpoint atomically; the settings record is the one the run started with."""
-    nap.save_checkpoint(model, path, arch=record["arch"], backbone=backbone, epoch=epoch,
-                        optimizer=optimizer.state_dict(), rng={"torch": torch.get_rng_state()}, args=record,
-                        history=history)
+def data_record(dataset) -> dict:
+    """What the run trains on, for --resume to compare: data.fingerprint, the class names and the image count."""
+    return {"fingerprint": data.fingerprint(dataset), "classes": list(dataset.classnames), "images": len(dataset)}
+
+
+def check_data(saved: dict, now: dict, path: str):
+    """Refuses a resume on training data other than the run's (its fingerprint differs), naming what changed."""
+    if saved is None:
+        raise ValueError(f"{path} does not record its training data (an older checkpoint); "
+                         f"train anew into another --out")
+    if saved["fingerprint"] == now["fingerprint"]:
+        return
+    gone = [c for c in saved["classes"] if c not in now["classes"]]
+    new = [c for c in now["classes"] if c not in saved["classes"]]
+    if gone or new:
+        what = "; ".join(f"{word} {len(names)} class(es): {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}"
+                         for word, names in (("lost", gone), ("gained", new)) if names)
+    elif saved["images"] != now["images"]:
+        what = f"{saved['images']} images then, {now['images']} now"
+    else:
+        what = (f"the same {now['images']} images of {len(now['classes'])} classes, but files were moved between "
+                f"classes, renamed, replaced or rewritten")
+    raise ValueError(f"the training data changed since the run in {path} started ({what}); resume with the same data "
+                     f"or train anew into another --out")
+
+
+def save(model, path, optimizer, epoch, record, history, backbone, extra):
+    """Writes the epoch's checkpoint atomically; the settings record is the one the run started with.
+
+    extra: {"data": data_record, "scaler": the gradient scaler's state}, for an exact resume. A full disk is one
+    line that says what is kept and how to go on (nap.atomic_save leaves the previous file as it was)."""
+    kept = os.path.exists(path)
+    try:
+        nap.save_checkpoint(model, path, arch=record["arch"], backbone=backbone, epoch=epoch,
+                            optimizer=optimizer.state_dict(), rng={"torch": torch.get_rng_state()}, args=record,
+                            history=history, **extra)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        then = ("the last good checkpoint is kept: free some space, then add --resume to the same command" if kept else
+                "nothing was saved yet: free some space, then run the same command again")
+        raise OSError(f"no space left on the device writing {path} after epoch {epoch + 1}; {then}") from None
+
+
+def restore(resume, model, optimizer, scaler) -> tuple:
+    """Loads a resumed run's trained tensors, optimiser, scaler and RNG -> (first epoch to train, history so far)."""
+    if resume is None:
+        return 0, []
+    model.load_state_dict(resume["trainable"], strict=False)
+    optimizer.load_state_dict(resume["optimizer"])
+    if resume.get("scaler"):
+        scaler.load_state_dict(resume["scaler"])
+    torch.set_rng_state(resume["rng"]["torch"])
+    return resume["epoch"] + 1, list(resume["history"])
 
 
 # ---------------------------------------------------------------------- the log
@@ -298,10 +436,12 @@ def collapsed(history: list, n_classes: int, epochs: int = 3) -> bool:
                                        and abs(r["adv_ce"] - ln_c) < 0.05 * ln_c for r in last)
 
 
-def epoch_record(epoch: int, args, totals: torch.Tensor) -> dict:
-    """One epoch's log line: lr, mean loss, clean and adversarial accuracy (each over its own images), adversarial CE."""
+def epoch_record(epoch: int, args, totals: torch.Tensor, lr: float = None) -> dict:
+    """One epoch's log line: lr (of its last step), mean loss, clean and adversarial accuracy (each over its own
+    images), adversarial CE."""
     loss_sum, clean_ok, clean_n, adv_ok, adv_n, adv_ce, n = totals.tolist()
-    return {"epoch": epoch + 1, "lr": learning_rate(epoch, args), "loss": loss_sum / n,
+    lr = learning_rate(args, epoch, max(args.epochs, 1)) if lr is None else lr
+    return {"epoch": epoch + 1, "lr": lr, "loss": loss_sum / n,
             "clean_acc": 100 * clean_ok / clean_n if clean_n else None, "adv_acc": 100 * adv_ok / adv_n,
             "adv_ce": adv_ce / adv_n if args.loss != "fare" else None}
 
@@ -351,6 +491,9 @@ def main(argv=None):
     runtime.seed_everything(args.seed)
 
     full = data.build_dataset(args.dataset, args.data_root, "train")  # checked before the backbone loads
+    trained_on = data_record(full)
+    if resume:
+        check_data(resume.get("data"), trained_on, ckpt_path)
     backbone = runtime.load_backbone(args.arch, device, args.precision, args.vision_weights)
     record = resume["args"] if resume else {k: v for k, v in vars(args).items() if k not in RUN_ONLY}
     identity = runtime.backbone_record(args.arch, args.vision_weights)
@@ -358,72 +501,87 @@ def main(argv=None):
         runtime.check_backbone(resume.get("backbone", {}), args.arch, args.vision_weights)
     resolution = backbone.visual.input_resolution
     full.transform = data.train_transform(resolution) if args.augment == "crop-flip" else data.eval_transform(resolution)
-    train_set = data.few_shot(full, args.shots, args.seed)
+    train_set = data.few_shot(full, args.shots, args.seed) if args.shots else full
     model = build_model(args, backbone, train_set.classnames).to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, args)
-    start_epoch, history = 0, []
-    if resume is not None:
-        model.load_state_dict(resume["trainable"], strict=False)
-        optimizer.load_state_dict(resume["optimizer"])
-        torch.set_rng_state(resume["rng"]["torch"])
-        start_epoch, history = resume["epoch"] + 1, list(resume["history"])
-
-    step = AdversarialStep(model, args)
+    views = SeededViews(train_set, args.seed)
+    per_epoch = max(len(views) // args.batch_size, 1)  # global batches an epoch (epoch_batches)
+    epochs, total = run_length(args, per_epoch)
+    step = AdversarialStep(model, args, epochs)  # before restore: FARE's f0 is the encoder as loaded, not a resumed one
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], args)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+    start_epoch, history = restore(resume, model, optimizer, scaler)
     if world.size > 1:
         frozen = [n for n, p in step.named_parameters() if not p.requires_grad] + [n for n, _ in step.named_buffers()]
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(step, frozen)
         step = DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
-    views = SeededViews(train_set, args.seed)
-    log = None
-    if world.main:
-        log = open(os.path.join(args.out, "train.log"), "a")
-        log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {'resume' if resume else 'start'} {vars(args)}\n")
-        n_params = nap.count_parameters(model)
-        print(f"{args.method} on {args.dataset} ({len(train_set)} images, {len(train_set.classnames)} classes), "
-              f"{args.arch}, recipe {args.recipe}: {args.loss} loss, {args.optimizer} lr {args.lr:g}, "
-              f"PGD-{args.steps} at {show('eps', args.eps)}; {n_params['total']:,} trained parameters; "
-              f"{world.size} process(es) -> {args.out}")
-
-    for epoch in range(start_epoch, args.epochs):
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(epoch, args)
-        totals = torch.zeros(7, device=device)
-        batches, n_batches = make_loader(views, epoch, args, world, device)
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{args.epochs}", total=n_batches, disable=not world.main, leave=False)
-        for x, y, noise, mask in bar:
-            x, y, noise, mask = (t.to(device, non_blocking=True) for t in (x, y, noise, mask))
-            with runtime.autocast(device, args.precision):
-                loss, clean, adv = step(x, y, noise, mask, epoch)
-            if not torch.isfinite(loss):
-                raise runtime.RunError(f"the loss became {loss.item()} in epoch {epoch + 1}; the last good checkpoint "
-                                       f"is kept at {ckpt_path}; lower --lr or use --precision fp32")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            with torch.no_grad():
-                totals += batch_totals(loss, clean, adv, y, mask, args)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        if world.size > 1:
-            torch.distributed.all_reduce(totals)
-        history.append(epoch_record(epoch, args, totals))
+    log = open_log(args, resume, model, train_set, world, total) if world.main else None
+    for epoch in range(start_epoch, epochs):
+        totals, lr = train_epoch(step, optimizer, scaler, views, epoch, (epochs, total, per_epoch), args, world, device,
+                                 ckpt_path)
+        history.append(epoch_record(epoch, args, totals, lr))
         if world.main:
-            save(model, ckpt_path, optimizer, epoch, record, history, identity)
-            line = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                            for k, v in history[-1].items() if v is not None)
-            log.write(line + "\n")
-            log.flush()
-            tqdm.write(line)
-            if collapsed(history, len(train_set.classnames)) and not collapsed(history[:-1], len(train_set.classnames)):
-                tqdm.write(f"note: training has collapsed: adversarial accuracy at chance and the loss at "
-                           f"ln({len(train_set.classnames)}) for 3 epochs; what usually helps: a lower --lr, "
-                           f"--loss half or curriculum (--recipe nap), or a smaller --eps")
+            save(model, ckpt_path, optimizer, epoch, record, history, identity,
+                 {"data": trained_on, "scaler": scaler.state_dict()})
+            log_epoch(log, history, len(train_set.classnames))
     if world.main:
         print(f"checkpoint: {ckpt_path}")
         log.close()
     runtime.close_world(world)
+
+
+def open_log(args, resume, model, train_set, world, total):
+    """Opens --out/train.log for appending, notes the start or resume in it and prints the run's summary."""
+    log = open(os.path.join(args.out, "train.log"), "a")
+    log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {'resume' if resume else 'start'} {vars(args)}\n")
+    n_params = nap.count_parameters(model)
+    print(f"{args.method} on {args.dataset} ({len(train_set)} images, {len(train_set.classnames)} classes), "
+          f"{args.arch}, recipe {args.recipe}: {args.loss} loss, {args.optimizer} lr {args.lr:g} ({args.schedule} "
+          f"schedule, {total:,} steps), PGD-{args.steps} at {show('eps', args.eps)}; {n_params['total']:,} trained "
+          f"parameters; {world.size} process(es) -> {args.out}")
+    return log
+
+
+def train_epoch(step, optimizer, scaler, views, epoch, plan, args, world, device, ckpt_path) -> tuple:
+    """One epoch's optimiser steps, plan = (epochs, total steps, steps an epoch) -> (its batch totals summed over the
+    processes, the lr of its last step). The last epoch of a --max-steps run stops at the total."""
+    epochs, total, per_epoch = plan
+    first = epoch * per_epoch
+    totals, lr = torch.zeros(7, device=device), None
+    batches, n_batches = make_loader(views, epoch, args, world, device, limit=total - first)
+    bar = tqdm(batches, desc=f"epoch {epoch + 1}/{epochs}", total=n_batches, disable=not world.main, leave=False)
+    for i, (x, y, noise, mask) in enumerate(bar):
+        lr = learning_rate(args, epoch, epochs, first + i, total)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        x, y, noise, mask = (t.to(device, non_blocking=True) for t in (x, y, noise, mask))
+        with runtime.autocast(device, args.precision):
+            loss, clean, adv = step(x, y, noise, mask, epoch)
+        if not torch.isfinite(loss):
+            raise runtime.RunError(f"the loss became {loss.item()} in epoch {epoch + 1}; the last good checkpoint "
+                                   f"is kept at {ckpt_path}; lower --lr or use --precision fp32")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        with torch.no_grad():
+            totals += batch_totals(loss, clean, adv, y, mask, args)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    if world.size > 1:
+        torch.distributed.all_reduce(totals)
+    return totals, lr
+
+
+def log_epoch(log, history: list, n_classes: int):
+    """Writes the last epoch's line to train.log and the terminal, and names a collapse when one starts."""
+    line = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                    for k, v in history[-1].items() if v is not None)
+    log.write(line + "\n")
+    log.flush()
+    tqdm.write(line)
+    if collapsed(history, n_classes) and not collapsed(history[:-1], n_classes):
+        tqdm.write(f"note: training has collapsed: adversarial accuracy at chance and the loss at "
+                   f"ln({n_classes}) for 3 epochs; what usually helps: a lower --lr, "
+                   f"--loss half or curriculum (--recipe nap), or a smaller --eps")
 
 
 if __name__ == "__main__":

@@ -31,12 +31,61 @@ def runs(tiny_weights, tmp_path_factory):
 
 
 def test_recipes_follow_their_sources():
-    tecoa = train.parse_args(["--dataset", "caltech101", "--method", "tecoa"])
-    assert (tecoa.loss, tecoa.eps, tecoa.alpha, tecoa.steps, tecoa.start) == ("adv", 1 / 255, 1 / 255, 2, "random")
-    fare = train.parse_args(["--dataset", "caltech101", "--method", "fare"])
-    assert (fare.loss, fare.optimizer, fare.lr, fare.weight_decay, fare.steps, fare.clean_weight) == \
+    """On real data tecoa and fare train with their sources' budgets, as read in recipes.py's evidence: TeCoA
+    (ZSRobust4FoundationModel @1243db66: README.md:66, finetuning.py) and FARE (RobustVLM @7de10ee: README.md:282,
+    train/adversarial_training_clip.py, train/pgd_train.py); the toy trains them with their few-shot recipes."""
+    t = train.parse_args(["--dataset", "caltech101", "--method", "tecoa"])
+    assert (t.loss, t.eps, t.alpha, t.steps, t.start, t.attack_momentum) == ("adv", 1 / 255, 1 / 255, 2, "random", 0.0)
+    assert (t.optimizer, t.lr, t.weight_decay, t.schedule, t.warmup_steps, t.epochs, t.max_steps) == \
+        ("sgd", 1e-7, 0.0, "step", 1000, 10, 0)
+    assert (t.shots, t.batch_size, t.augment, t.recipe) == (0, 256, "none", "tecoa")
+    f = train.parse_args(["--dataset", "caltech101", "--method", "fare"])
+    assert (f.loss, f.optimizer, f.lr, f.weight_decay, f.steps, f.clean_weight) == \
         ("fare", "adamw", 1e-5, 1e-4, 10, 0.0)
+    assert (f.schedule, f.warmup_steps, f.max_steps, f.epochs, f.batch_size, f.shots) == \
+        ("step", 1400, 20_000, 0, 128, 0)
+    assert (f.eps, f.alpha, f.start, f.attack_momentum, f.augment) == (1 / 255, 1 / 255, "random", 0.9, "none")
     assert nap.PRESETS["tecoa"].template == "This is a photo of a {}"  # TeCoA's training prompt
+    for method in ("tecoa", "fare"):  # the 16-shot fine-tune: one flag away, and the toy's
+        few = train.parse_args(["--dataset", "caltech101", "--method", method, "--recipe", f"{method}-fewshot"])
+        toy = train.parse_args(["--method", method])
+        assert (few.shots, few.epochs, few.max_steps, few.batch_size, few.optimizer, few.lr, few.schedule) == \
+            (16, 10, 0, 32, "adamw", 1e-5, "epoch")
+        assert (toy.recipe, toy.shots, toy.epochs, toy.augment, toy.optimizer, toy.attack_momentum) == \
+            (f"{method}-fewshot", 100, 30, "none", "adamw", 0.9 if method == "fare" else 0.0)
+    by_epochs = train.parse_args(["--dataset", "caltech101", "--method", "fare", "--shots", "16", "--epochs", "10"])
+    assert (by_epochs.epochs, by_epochs.max_steps, by_epochs.shots) == (10, 0, 16)  # --epochs alone trains by epochs
+
+
+def test_the_step_schedule_is_the_sources_closed_form():
+    """--schedule step: lr (s + 1) / W for the W warm-up steps, then 0.5 lr (1 + cos(pi (s - W) / (S - W))) down to
+    0 at S, as cosine_lr in TeCoA's utils.py:35-49 and open_clip (FARE); the values below by hand."""
+    f = train.parse_args(["--dataset", "caltech101", "--method", "fare"])  # lr 1e-5, W 1400, S 20,000
+    lr = lambda s: train.learning_rate(f, 0, 1, s, 20_000)
+    assert lr(0) == pytest.approx(1e-5 / 1400) and lr(699) == pytest.approx(0.5e-5) and lr(1399) == pytest.approx(1e-5)
+    assert lr(1400) == pytest.approx(1e-5) and lr(1400 + 9300) == pytest.approx(0.5e-5)
+    assert lr(1400 + 4650) == pytest.approx(0.5e-5 * (1 + 0.5 ** 0.5)) and lr(19_999) < 1e-12
+    t = train.parse_args(["--dataset", "caltech101", "--method", "tecoa"])  # lr 1e-7, W 1000; S = 10 epochs of 5005
+    total = train.run_length(t, 5005)[1]
+    assert train.run_length(t, 5005) == (10, 50_050) and train.run_length(f, 10_009) == (2, 20_000)
+    assert train.learning_rate(t, 0, 10, 0, total) == pytest.approx(1e-10)
+    assert train.learning_rate(t, 5, 10, 1000 + 24_525, total) == pytest.approx(0.5e-7)
+
+
+def test_shots_all_trains_on_every_image(tiny_weights, tmp_path, capsys, monkeypatch):
+    """--shots all (or 0) takes every training image, as TeCoA and FARE do: 1000 synthetic images of 10 classes in 4
+    batches of 250 an epoch; --shots 16 takes 160 (one batch)."""
+    taken, step = [], torch.optim.SGD.step
+    monkeypatch.setattr(torch.optim.SGD, "step", lambda self, *a, **k: taken.append(1) or step(self, *a, **k))
+    for shots, images, steps in (("all", 1000, 4), ("0", 1000, 4), ("16", 160, 1)):
+        taken.clear()
+        out = tmp_path / shots
+        train.main([*FAST, "--arch", tiny_weights, "--method", "tecoa", "--shots", shots, "--batch-size", "250",
+                    "--epochs", "1", "--steps", "0", "--out", str(out)])
+        assert f"({images} images, 10 classes)" in capsys.readouterr().out and len(taken) == steps
+        assert nap.load_checkpoint(str(out / "checkpoint.pt"))["args"]["shots"] == (16 if shots == "16" else 0)
+    with pytest.raises(SystemExit):
+        train.parse_args(["--shots", "some"])
 
 
 def test_only_the_image_encoder_changes(runs, tiny_weights):
@@ -69,7 +118,7 @@ def test_fare_loss_is_zero_at_the_clean_point_of_the_original_encoder(tiny_weigh
 def test_fare_training_lowers_its_loss(tiny_weights, tmp_path):
     out = tmp_path / "fare"
     train.main([*FAST, "--arch", tiny_weights, "--method", "fare", "--epochs", "6", "--shots", "4",
-                "--warmup-epochs", "0", "--lr", "1e-4", "--out", str(out)])
+                "--warmup-steps", "0", "--lr", "1e-4", "--out", str(out)])
     losses = [h["loss"] for h in nap.load_checkpoint(str(out / "checkpoint.pt"))["history"]]
     assert losses[-1] < 0.7 * losses[0], losses
 
