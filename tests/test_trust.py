@@ -179,12 +179,12 @@ def test_a_full_disk_keeps_the_last_good_checkpoint(tiny_weights, tmp_path, monk
     out = tmp_path / "run"
     real, calls = torch.save, []
 
-    def full_after_first(obj, path, *a, **k):
-        calls.append(path)
+    def full_after_first(obj, f, *a, **k):  # nap.atomic_save hands torch.save an open file
+        calls.append(f)
         if len(calls) > 1:
-            open(path, "wb").write(b"partial")
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        return real(obj, path, *a, **k)
+            f.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(obj, f, *a, **k)
 
     monkeypatch.setattr(torch, "save", full_after_first)
     with pytest.raises(OSError):
