@@ -1,5 +1,6 @@
-"""tecoa and fare: they train the image encoder only, FARE's loss is its source's, their checkpoints load as
---checkpoint and as --vision-weights, and NAP trains and evaluates on the robust encoder they make."""
+"""tecoa and fare: their recipes are their sources' (every image, step schedules, FARE's step budget and attack
+momentum), they train the image encoder only, FARE's loss is its source's, their checkpoints load as --checkpoint
+and as --vision-weights, and NAP trains and evaluates on the robust encoder they make."""
 import json
 import os
 
@@ -113,6 +114,21 @@ def test_fare_loss_is_zero_at_the_clean_point_of_the_original_encoder(tiny_weigh
     attacked, _, _ = train.AdversarialStep(model, args)(x, torch.tensor([0, 1, 0, 1]), torch.rand_like(x) * 2 - 1,
                                                        torch.zeros(4, dtype=torch.bool), 0)
     assert attacked.item() > 0  # the attack moves the embedding away from f0(x)
+
+
+def test_fares_attack_has_its_sign_momentum(tiny_weights, monkeypatch):
+    """fare's training attack is RobustVLM's pgd_train.py: attacks.pgd with momentum 0.9; tecoa's is plain PGD (no
+    momentum passed); --attack-momentum 0 turns it off."""
+    seen, real = [], train.attacks.pgd
+    monkeypatch.setattr(train.attacks, "pgd", lambda *a, **k: seen.append(k.get("momentum")) or real(*a, **k))
+    torch.manual_seed(0)
+    x, y = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 0, 1])
+    for method, flags, momentum in (("fare", [], 0.9), ("tecoa", [], None), ("fare", ["--attack-momentum", "0"], None)):
+        model = nap.PromptedCLIP(CLIP(*TINY).eval(), ["cat", "dog"], nap.PRESETS[method])
+        args = train.parse_args([*FAST, "--arch", tiny_weights, "--method", method, *flags])
+        seen.clear()
+        train.AdversarialStep(model, args)(x, y, torch.rand_like(x) * 2 - 1, torch.zeros(4, dtype=torch.bool), 0)
+        assert seen == [momentum], (method, flags)
 
 
 def test_fare_training_lowers_its_loss(tiny_weights, tmp_path):
