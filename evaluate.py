@@ -13,10 +13,23 @@ A result is reused only when everything that produced it is the same: the checkp
 (SHA256), the backbone's weights, the dataset's files (names, sizes, modification times) and every
 attack setting; reuse is announced, anything else is recomputed. An --out file that holds results
 of other settings is refused, never overwritten; the default --out names the attack and the eps.
-Results go to --out as JSON (per dataset: clean and robust accuracy in percent, attack, eps,
-steps, samples, seconds, and what produced them) and as a markdown table.
+Results go to --out as JSON (per dataset: clean and robust accuracy in percent, each with its n and
+95% Wilson interval, attack, PGD's scoring, eps, steps, seconds, what produced them, and which
+images were evaluated and which of them were right, for stats.paired) and as a markdown table.
+
+Nothing the user made is changed: an existing --out that is not a results file of evaluate.py, or
+a .md beside it that evaluate.py did not write, is refused before any work; one run at a time
+writes an --out (runtime.exclusive: a second is refused in one line).
+
+PGD's scoring (--pgd-score): "any" counts a point broken once the clean image or any iterate fools
+the model (AutoAttack's convention, the stronger); "last" scores the last iterate alone, as
+torchattacks.PGD does in the baselines' code [B].
 """
+import contextlib
+import hashlib
+import json
 import os
+import re
 import shutil
 import time
 
@@ -28,8 +41,12 @@ import attacks
 import data
 import nap
 import runtime
+import stats
 
-ATTACKS = ("none", "pgd", "apgd-ce", "apgd-t", "fab-t", "square", "autoattack")
+# apgd-ce+apgd-t: the reduced ensemble TeCoA / RobustVLM report as "AA"; it is not AutoAttack [C]
+ATTACKS = ("none", "pgd", "apgd-ce", "apgd-t", "apgd-ce+apgd-t", "fab-t", "square", "autoattack")
+PGD_SCORES = ("any", "last")  # any: AutoAttack's convention (Croce & Hein 2020); last: torchattacks.PGD's [B]
+TABLE_MARK = "<!-- evaluate.py's table of"  # the first line of every .md evaluate.py writes
 
 
 def parse_args(argv=None):
@@ -39,13 +56,17 @@ def parse_args(argv=None):
                                                 "(default: the checkpoint's, else ViT-B/16)")
     p.add_argument("--vision-weights", default=None, metavar="FILE",
                    help="replace the image encoder with these weights (default: the checkpoint's, if it was trained on some)")
-    p.add_argument("--method", default="zeroshot", choices=list(nap.PRESETS), help="without --checkpoint only zeroshot")
+    p.add_argument("--method", default=None, choices=list(nap.PRESETS),
+                   help="the model's method (default: the checkpoint's; without --checkpoint zeroshot, the only one)")
     p.add_argument("--template", default=None, help="zero-shot prompt with {} for the class, for zeroshot, tecoa and fare "
                    "(default: CoOp's per-dataset template, e.g. 'a photo of a {}, a type of pet.'; else 'a photo of a {}.')")
     p.add_argument("--dataset", nargs="+", default=None, help="one or more datasets (default: ImageNet + the paper's 9 "
                                                                "transfer datasets; every synthetic task for --arch toy)")
     p.add_argument("--data-root", default=None, help="where the datasets lie (default: $NAP_DATA, else ./data)")
     p.add_argument("--attack", default="pgd", choices=ATTACKS, help="none: clean accuracy only")
+    p.add_argument("--pgd-score", default="any", choices=PGD_SCORES,
+                   help="any: a point is broken once any PGD iterate fools the model (AutoAttack's convention); "
+                        "last: only the last iterate counts (torchattacks.PGD, the baselines' code)")
     p.add_argument("--eps", type=runtime.eps_arg, default=runtime.EVAL_EPS,
                    help="L-inf radius in pixels, e.g. 1/255 or 4/255 (default: 1/255, the paper's)")
     p.add_argument("--alpha", type=runtime.eps_arg, default=1 / 255, help="PGD step size (default: 1/255)")
@@ -61,8 +82,15 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="results JSON (default: runs/eval-<name>-<attack>-<eps>.json); "
                                                "a markdown table is written beside it")
     args = p.parse_args(argv)
-    if args.checkpoint is None and args.method != "zeroshot":
+    if args.checkpoint is None and args.method not in (None, "zeroshot"):
         p.error(f"--method {args.method} needs --checkpoint: untrained prompts are no result (train.py writes one)")
+    if args.checkpoint is None:
+        args.method = "zeroshot"
+    if args.pgd_score != "any" and args.attack != "pgd":
+        p.error(f"--pgd-score {args.pgd_score} scores PGD; it needs --attack pgd (got --attack {args.attack})")
+    if args.out and os.path.splitext(args.out)[1].lower() == ".md":
+        p.error(f"--out {args.out}: the results are JSON and the table is written beside them as .md; "
+                f"give a .json name such as {os.path.splitext(args.out)[0]}.json")
     for flag in ("steps", "batch_size", "queries", "workers"):
         if getattr(args, flag) < (0 if flag == "workers" else 1):
             p.error(f"--{flag.replace('_', '-')} must be >= {0 if flag == 'workers' else 1}")
@@ -78,8 +106,9 @@ def parse_args(argv=None):
 def run_attack(fn, x, y, args, seed: int):
     """-> (adversarial images, per-member counts or {}) for the chosen attack."""
     a, eps = args.attack, args.eps
-    if a == "pgd":
-        return attacks.pgd(fn, x, y, eps, args.alpha, args.steps, random_start=True, seed=seed), {}
+    if a == "pgd":  # early_stop=False returns the last iterate, which evaluate_batch then scores
+        return attacks.pgd(fn, x, y, eps, args.alpha, args.steps, random_start=True, seed=seed,
+                           early_stop=args.pgd_score == "any"), {}
     if a == "apgd-ce":
         return attacks.apgd(fn, x, y, eps, steps=args.steps, loss="ce", seed=seed), {}
     if a == "apgd-t":
@@ -88,18 +117,25 @@ def run_attack(fn, x, y, args, seed: int):
         return attacks.fab_targeted(fn, x, y, eps, steps=args.steps), {}
     if a == "square":
         return attacks.square(fn, x, y, eps, queries=args.queries, seed=seed), {}
+    if a == "apgd-ce+apgd-t":
+        return attacks.autoattack(fn, x, y, eps, version="apgd-ce+apgd-t", seed=seed, steps=args.steps, return_info=True)
     return attacks.autoattack(fn, x, y, eps, seed=seed, steps=args.steps, queries=args.queries, return_info=True)
 
 
+PER_IMAGE = ("clean_correct", "robust_correct")  # a batch's per-image flags, beside its counts
+
+
 def evaluate_batch(fn, x, y, args, seed: int) -> dict:
-    """Counts for one batch: {'n', 'clean', 'robust', and AutoAttack's per-member counts}."""
+    """Images (B, 3, H, W), labels (B,) -> {'n', 'clean', 'robust', the ensembles' per-member counts,
+    'clean_correct', 'robust_correct' ('0'/'1' per image)}."""
     with torch.no_grad():
-        clean = int((fn(x).argmax(1) == y).sum())
-    counts = {"n": len(y), "clean": clean}
+        right = fn(x).argmax(1) == y
+    counts = {"n": len(y), "clean": int(right.sum()), "clean_correct": stats.bits(right.tolist())}
     if args.attack != "none":
         x_adv, info = run_attack(fn, x, y, args, seed)
         with torch.no_grad():
-            counts["robust"] = int((fn(x_adv).argmax(1) == y).sum())
+            right = fn(x_adv).argmax(1) == y
+        counts.update(robust=int(right.sum()), robust_correct=stats.bits(right.tolist()))
         counts.update({k: v for k, v in info.items() if k not in ("clean", "robust")})
     return counts
 
@@ -108,7 +144,7 @@ def evaluate_batch(fn, x, y, args, seed: int) -> dict:
 
 def settings(args) -> dict:
     """The attack and evaluation settings a result depends on."""
-    keys = ("attack", "eps", "alpha", "steps", "queries", "n_samples", "batch_size", "seed", "precision")
+    keys = ("attack", "pgd_score", "eps", "alpha", "steps", "queries", "n_samples", "batch_size", "seed", "precision")
     return {k: getattr(args, k) for k in keys}
 
 
@@ -147,10 +183,17 @@ def previous(results: dict, dataset: str, identity: dict, contents: dict, out: s
     done = results.get(dataset)
     if done is None:
         return False
-    if done.get("identity") != identity:
-        diff = differences(done.get("identity", {}), identity) or ["(an older results format)"]
+    old = json.loads(json.dumps(done["identity"]))
+    if isinstance(old.get("settings"), dict):
+        old["settings"].setdefault("pgd_score", "any")  # before --pgd-score every PGD result scored any iterate
+    if old != identity:
+        diff = differences(old, identity) or ["(an older results format)"]
         raise ValueError(f"{out} holds {dataset} results of other settings ({', '.join(diff[:4])} differ); "
                          f"choose another --out, or remove that file to replace them")
+    if done.get("contents") == contents and "images" not in done:
+        print(f"{dataset}: the result in {out} was written by an older evaluate.py, without intervals and per-image "
+              f"correctness; recomputing it")
+        return False
     if done.get("contents") == contents:
         print(f"{dataset}: reusing the finished result in {out} (same checkpoint, backbone, data and settings)")
         return True
@@ -162,7 +205,8 @@ def previous(results: dict, dataset: str, identity: dict, contents: dict, out: s
 # ---------------------------------------------------------------------- one dataset, sharded and resumable
 
 def evaluate_dataset(name, dataset, backbone, ckpt, args, world, device, partial_dir) -> dict:
-    """Clean/robust accuracy (percent) on one dataset; this process does its share, counts are summed exactly."""
+    """Clean/robust accuracy (percent, with n and 95% Wilson intervals) and per-image correctness on one
+    dataset; this process does its share, counts are summed exactly."""
     start = time.time()
     dataset.transform = data.eval_transform(backbone.visual.input_resolution)
     indices = list(range(len(dataset)))
@@ -191,24 +235,45 @@ def evaluate_dataset(name, dataset, backbone, ckpt, args, world, device, partial
         runtime.write_json(counts, os.path.join(partial_dir, f"batch{b:06d}.json"))
         bar.set_postfix(clean=counts["clean"], robust=counts.get("robust", "-"))
 
-    totals = {}
-    for b in mine:
-        for k, v in runtime.read_json(os.path.join(partial_dir, f"batch{b:06d}.json")).items():
-            totals[k] = totals.get(k, 0) + v
-    keys = sorted(set(totals) | {"n", "clean"} | ({"robust"} if args.attack != "none" else set()))
-    if world.size > 1:
-        keys = sorted(set().union(*all_gather(keys)))
-        summed = torch.tensor([totals.get(k, 0) for k in keys], dtype=torch.int64, device=device)  # nccl: no CPU tensors
-        torch.distributed.all_reduce(summed)
-        totals = dict(zip(keys, summed.tolist()))
-    n = totals["n"]
-    result = {"clean": 100 * totals["clean"] / n, "robust": 100 * totals["robust"] / n if "robust" in totals else None,
-              "attack": args.attack, "eps": args.eps, "steps": args.steps, "n_samples": n,
+    totals, flags = gather(mine, partial_dir, args, world, device)
+    result = {**accuracy(totals, "clean"), **accuracy(totals, "robust"), "attack": args.attack,
+              "pgd_score": args.pgd_score, "eps": args.eps, "steps": args.steps, "n_samples": totals["n"],
               "template": model.cfg.template, "seconds": round(time.time() - start, 2), "settings": settings(args)}
     members = {k: v for k, v in totals.items() if k not in ("n", "clean", "robust")}
     if members:
         result["broken_by"] = members
+    per_image = {k.split("_")[0]: "".join(flags[b][k] or "?" * len(batches[b]) for b in range(len(batches)))
+                 for k in PER_IMAGE}  # '?': a batch file that recorded no per-image flags
+    if args.attack == "none":
+        per_image["robust"] = None
+    result["images"] = stats.image_record(len(dataset), indices, per_image)
     return result
+
+
+def gather(mine, partial_dir, args, world, device) -> tuple:
+    """The finished batches of every process -> (summed counts, {batch: {per-image flags or None}})."""
+    totals, flags = {}, {}
+    for b in mine:
+        counts = runtime.read_json(os.path.join(partial_dir, f"batch{b:06d}.json"))
+        flags[b] = {k: counts.pop(k, None) for k in PER_IMAGE}
+        for k, v in counts.items():
+            totals[k] = totals.get(k, 0) + v
+    if world.size > 1:
+        keys = sorted(set(totals) | {"n", "clean"} | ({"robust"} if args.attack != "none" else set()))
+        keys = sorted(set().union(*all_gather(keys)))
+        summed = torch.tensor([totals.get(k, 0) for k in keys], dtype=torch.int64, device=device)  # nccl: no CPU tensors
+        torch.distributed.all_reduce(summed)
+        totals = dict(zip(keys, summed.tolist()))
+        flags = {b: f for part in all_gather(flags) for b, f in part.items()}
+    return totals, flags
+
+
+def accuracy(totals: dict, key: str) -> dict:
+    """{key: percent, key_ci95: [low, high] (Wilson, percent, 2 decimals)} of totals[key] of totals['n']; None if absent."""
+    if key not in totals:
+        return {key: None, f"{key}_ci95": None}
+    low, high = stats.wilson(totals[key], totals["n"])
+    return {key: 100 * totals[key] / totals["n"], f"{key}_ci95": [round(100 * low, 2), round(100 * high, 2)]}
 
 
 def build_model(name, backbone, ckpt, classnames, args) -> nap.PromptedCLIP:
@@ -244,12 +309,80 @@ def all_gather(obj) -> list:
     return out
 
 
+def partial_folder(out: str, dataset: str, data_id: dict) -> str:
+    """Where a dataset's finished batches wait: <out>.partial/<name>. A synthetic task is named by its
+    name, all of its identity; anything else by its base name and a short hash of its whole data identity,
+    so two folders of one base name (a/data, b/data) never share or discard each other's batches."""
+    base = os.path.basename(os.path.normpath(dataset))
+    if data_id["root"] is None and not os.path.isabs(data_id["name"]):
+        return f"{out}.partial/{base}"
+    digest = hashlib.sha256(json.dumps(data_id, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{out}.partial/{base}-{digest}"
+
+
+# ---------------------------------------------------------------------- the user's files
+
+# what evaluate.py wrote into the .md before TABLE_MARK (a line naming the run, then the table): ours too
+OLD_TABLE = re.compile(r"[^\n]*, attack [^\n]*, eps [^\n]*/255, steps \d+\n\n\| dataset \| clean \| robust \|\n"
+                       r"\|---\|---:\|---:\|\n(\|[^\n]*\|\n)+")
+
+
+def read_results(out: str) -> dict:
+    """The results already in --out ({} if there is no such file), refusing a file evaluate.py did not write."""
+    if not os.path.exists(out):
+        return {}
+    refuse = (f"--out {out} exists and is not a results file of evaluate.py ({{dataset: result with identity and "
+              f"contents}}); it is left as it is: move it away, or choose another --out")
+    try:
+        results = runtime.read_json(out)
+    except ValueError:
+        raise ValueError(refuse) from None
+    if not (isinstance(results, dict) and results and all(
+            isinstance(r, dict) and isinstance(r.get("identity"), dict) and isinstance(r.get("contents"), dict)
+            for r in results.values())):
+        raise ValueError(refuse)
+    return results
+
+
+def table_path(out: str) -> str:
+    """The .md beside --out, where the table goes, refusing one that evaluate.py did not write."""
+    path = os.path.splitext(out)[0] + ".md"
+    if not os.path.lexists(path):
+        return path
+    text = ""
+    if os.path.isfile(path):
+        with open(path, errors="replace") as f:
+            text = f.read(1 << 20)
+    if text.startswith(TABLE_MARK) or OLD_TABLE.fullmatch(text):
+        return path
+    raise ValueError(f"{path} exists and evaluate.py did not write it; the table of --out {out} would replace it: "
+                     f"move it away, or choose another --out")
+
+
+def load_model_checkpoint(args):
+    """--checkpoint's contents (None without one), refusing flags that contradict it; sets args.method."""
+    if not args.checkpoint:
+        return None
+    ckpt = nap.load_checkpoint(args.checkpoint)
+    method = ckpt["config"].get("method")
+    if args.method not in (None, method):
+        raise ValueError(f"--method {args.method}: {args.checkpoint} holds a {method} model; drop --method "
+                         f"(the checkpoint says which method it is)")
+    args.method = method
+    if args.vision_weights and ckpt["config"].get("finetune") == "vision":
+        raise ValueError(f"--vision-weights {args.vision_weights}: {args.checkpoint} ({method}) carries its own "
+                         f"fine-tuned image encoder, which would replace those weights; drop --vision-weights "
+                         f"(or evaluate the weights alone: --vision-weights without --checkpoint)")
+    return ckpt
+
+
 # ---------------------------------------------------------------------- main
 
 def default_out(name: str, args) -> str:
-    """runs/eval-<name>-<attack>-<eps as n_255>.json"""
+    """runs/eval-<name>-<attack>[-last]-<eps as n_255>.json"""
     eps = f"{args.eps * 255:.4g}".replace(".", "p") + "_255"
-    return os.path.join("runs", f"eval-{name}-{args.attack}-{eps}.json")
+    scoring = "-last" if args.pgd_score == "last" else ""
+    return os.path.join("runs", f"eval-{name}-{args.attack}{scoring}-{eps}.json")
 
 
 def main(argv=None):
@@ -257,7 +390,7 @@ def main(argv=None):
     world = runtime.init_world(args.device)
     device = runtime.resolve_device(args.device, world)
     args.precision = runtime.resolve_precision(args.precision, device, args.eps if args.attack != "none" and world.main else None)
-    ckpt = nap.load_checkpoint(args.checkpoint) if args.checkpoint else None
+    ckpt = load_model_checkpoint(args)
     saved = (ckpt or {}).get("backbone", {})
     arch = args.arch or (ckpt.get("arch") if ckpt else None) or "ViT-B/16"
     vision = args.vision_weights or saved.get("vision_weights")
@@ -268,46 +401,69 @@ def main(argv=None):
         args.dataset = list(synthetic.TASKS) if arch == "toy" else list(data.PAPER_EVAL)
     name = os.path.basename(os.path.dirname(os.path.abspath(args.checkpoint))) if ckpt else args.method
     args.out = args.out or default_out(name, args)
-    if world.main:
-        runtime.check_writable(args.out, folder=False)
+    with contextlib.ExitStack() as held:
+        if world.main:  # before any work: the user's files are refused, never overwritten
+            runtime.check_writable(args.out, folder=False)
+            held.enter_context(runtime.exclusive(args.out))
+            table = table_path(args.out)
+        results = evaluate_all(args, ckpt, arch, vision, read_results(args.out), world, device)
+        if world.main:
+            write_table(table, name, {d: results[d] for d in args.dataset}, args)
+            print(f"results: {args.out}")
+    runtime.close_world(world)
+
+
+def evaluate_all(args, ckpt, arch, vision, results, world, device) -> dict:
+    """Every --dataset not already in results (reused when nothing changed) -> results, written to --out after each."""
     datasets = {d: data.build_dataset(d, args.data_root, "test") for d in args.dataset}  # fail fast
     backbone = runtime.load_backbone(arch, device, args.precision, vision)
-    model_id = {"checkpoint": os.path.abspath(args.checkpoint) if ckpt else None, "method": ckpt["config"]["method"]
-                if ckpt else "zeroshot", "arch": arch, "vision_weights": os.path.abspath(vision) if vision else None}
+    model_id = {"checkpoint": os.path.abspath(args.checkpoint) if ckpt else None, "method": args.method,
+                "arch": arch, "vision_weights": os.path.abspath(vision) if vision else None}
     contents_model = {"checkpoint_sha256": runtime.sha256_file(args.checkpoint) if ckpt else None,
                       "backbone": runtime.backbone_record(arch, vision)}
-
-    results = runtime.read_json(args.out, {}) or {}
     for dataset in args.dataset:
-        identity = {"model": {**model_id, "template": args.template}, "settings": settings(args),
-                    "data": data_identity(dataset, args)}
+        data_id = data_identity(dataset, args)
+        identity = {"model": {**model_id, "template": args.template}, "settings": settings(args), "data": data_id}
         contents = {**contents_model, "data": data.fingerprint(datasets[dataset])}
         if previous(results, dataset, identity, contents, args.out):
             continue
-        partial_dir = f"{args.out}.partial/{os.path.basename(os.path.normpath(dataset))}"
+        partial_dir = partial_folder(args.out, dataset, data_id)
         open_partial(partial_dir, {"identity": identity, "contents": contents}, world)
         result = evaluate_dataset(dataset, datasets[dataset], backbone, ckpt, args, world, device, partial_dir)
         result.update(checkpoint=args.checkpoint, arch=arch, identity=identity, contents=contents)
         if world.main:
             results[dataset] = result
             runtime.write_json(results, args.out)
-            line = f"{dataset}: clean {result['clean']:.2f}"
-            tqdm.write(line + (f", robust {result['robust']:.2f} ({args.attack}, eps {args.eps * 255:.4g}/255)"
-                               if result["robust"] is not None else ""))
+            robust = "" if result["robust"] is None else \
+                f", robust {shown(result, 'robust')} ({args.attack}, eps {args.eps * 255:.4g}/255)"
+            tqdm.write(f"{dataset}: clean {shown(result, 'clean')}{robust}")
         if world.size > 1:
             torch.distributed.barrier()
         if world.main:
             shutil.rmtree(partial_dir, ignore_errors=True)
             if not os.listdir(os.path.dirname(partial_dir)):
                 os.rmdir(os.path.dirname(partial_dir))
-    if world.main:
-        shown = {d: results[d] for d in args.dataset}
-        table = runtime.markdown_table(shown)
-        with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
-            f.write(f"{name}, attack {args.attack}, eps {args.eps * 255:.4g}/255, steps {args.steps}\n\n{table}\n")
-        print(table)
-        print(f"results: {args.out}")
-    runtime.close_world(world)
+    return results
+
+
+def shown(result: dict, key: str) -> str:
+    """'50.00 [43.1, 56.9]': an accuracy with its interval."""
+    low, high = result[f"{key}_ci95"]
+    return f"{result[key]:.2f} [{low:.1f}, {high:.1f}]"
+
+
+def write_table(path: str, name: str, shown_results: dict, args):
+    """The markdown table of these results, under a line naming the model, attack, PGD's scoring and n; printed too."""
+    scoring = f" (scored on {'any iterate' if args.pgd_score == 'any' else 'the last iterate'})" \
+        if args.attack == "pgd" else ""
+    ns = sorted({r["n_samples"] for r in shown_results.values()})
+    n = f"{ns[0]}" if len(ns) == 1 else f"{ns[0]} to {ns[-1]}"
+    header = (f"{name}, attack {args.attack}{scoring}, eps {args.eps * 255:.4g}/255, steps {args.steps}, "
+              f"n {n} images per dataset; accuracy in % [95% Wilson interval]")
+    table = runtime.markdown_table(shown_results)
+    with open(path, "w") as f:
+        f.write(f"{TABLE_MARK} {os.path.basename(args.out)}, rewritten by each run -->\n{header}\n\n{table}\n")
+    print(f"{header}\n\n{table}")
 
 
 if __name__ == "__main__":

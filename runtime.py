@@ -1,5 +1,6 @@
 """What train.py and evaluate.py share: the backbone by arch, device and precision, torchrun's
-process group, seeds, one-line errors, and results as JSON plus a markdown table.
+process group, seeds, one-line errors, one run at a time per output file (exclusive), and results
+as JSON plus a markdown table (accuracies with their intervals).
 
 Plain `python train.py` runs as a world of one; under `torchrun` the environment variables
 RANK / WORLD_SIZE / LOCAL_RANK select the process's share of the work.
@@ -109,6 +110,54 @@ def check_writable(path: str, folder: bool) -> str:
     except OSError as e:
         raise ValueError(f"{flag} {path} cannot be written ({e.strerror or e}); choose another {flag}") from None
     return path
+
+
+LOCK_TAG = "lock of a run writing"  # the first words of every lock file this module writes
+
+
+@contextlib.contextmanager
+def exclusive(path: str, flag: str = "--out"):
+    """Holds `<path>.lock` for the block, so that one run at a time writes path; a second is refused in one line.
+
+    fcntl.flock: the kernel releases the lock when its process ends however it ends, so a lock
+    file left by a killed run never blocks. The file holds the holder's pid and is removed on exit."""
+    import fcntl
+    lock = f"{path}.lock"
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.read(fd, 200).decode(errors="replace").strip()
+            os.close(fd)
+            if isinstance(e, BlockingIOError):
+                who = f"pid {holder.rpartition('pid ')[2]}" if "pid " in holder else lock
+                raise RunError(f"{flag} {path} is being written by another run ({who}); wait for it to finish, "
+                               f"or choose another {flag}") from None
+            raise RunError(f"{lock} cannot be locked ({e.strerror}): this file system offers no file locks; "
+                           f"choose an {flag} on a local disk") from None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(lock))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # its holder removed the file between our open and our lock: lock the new one
+    ours = False
+    try:
+        found = os.read(fd, 200).decode(errors="replace")
+        if found and not found.startswith(LOCK_TAG):
+            raise ValueError(f"{lock} exists and is not a lock file of this project; move it away, or choose "
+                             f"another {flag}")
+        ours = True
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{LOCK_TAG} {path}: pid {os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        if ours:  # removed while still locked: a run waiting to lock this file retries on the path
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(lock)
+        os.close(fd)
 
 
 _HASHES = {}  # (path, size, mtime) -> SHA256: a file is hashed once per process however often it is named
@@ -272,18 +321,26 @@ def seed_everything(seed: int):
 # ---------------------------------------------------------------------- results
 
 def markdown_table(results: dict, columns=("clean", "robust")) -> str:
-    """{dataset: {clean, robust, ...}} -> a markdown table with an 'average' row."""
-    lines = ["| dataset | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    """{dataset: {clean, robust, ...}} -> a markdown table with an 'average' row.
+
+    A value with an interval beside it (`<column>_ci95`: [low, high]) shows it in brackets,
+    '50.00 [43.1, 56.9]'; rows that carry `n_samples` get an `n` column (the images behind them)."""
+    counted = any("n_samples" in r for r in results.values())
+    lines = ["| dataset | " + ("n | " if counted else "") + " | ".join(columns) + " |",
+             "|---|" + "---:|" * (len(columns) + counted)]
     for name, r in results.items():
-        lines.append(f"| {name} | " + " | ".join(_cell(r.get(c)) for c in columns) + " |")
+        n = [str(r.get("n_samples", "-"))] if counted else []
+        lines.append(f"| {name} | " + " | ".join(n + [_cell(r.get(c), r.get(f"{c}_ci95")) for c in columns]) + " |")
     if len(results) > 1:
         means = [np.mean([r[c] for r in results.values() if r.get(c) is not None] or [np.nan]) for c in columns]
-        lines.append("| **average** | " + " | ".join(_cell(m) for m in means) + " |")
+        lines.append("| **average** | " + ("- | " if counted else "") + " | ".join(_cell(m) for m in means) + " |")
     return "\n".join(lines)
 
 
-def _cell(value) -> str:
-    return "-" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.2f}"
+def _cell(value, interval=None) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "-"
+    return f"{value:.2f}" + (f" [{interval[0]:.1f}, {interval[1]:.1f}]" if interval else "")
 
 
 def write_json(obj, path: str):

@@ -98,8 +98,9 @@ def test_changed_data_is_evaluated_again(tiny_weights, tmp_path, monkeypatch, ca
     assert len(calls) == 2 * n and "changed since" in capsys.readouterr().out
 
 
-def test_batches_left_by_a_run_on_other_data_are_discarded(tiny_weights, tmp_path, monkeypatch, capsys):
-    """An interrupted run on /a/data, then /b/data with the same --out: a's batches are not counted as b's."""
+def test_batches_of_two_folders_of_one_name_are_kept_apart(tiny_weights, tmp_path, monkeypatch, capsys):
+    """An interrupted run on /a/data, then /b/data with the same --out: a's batches are neither counted as b's
+    nor discarded by b's run; a resumes from them."""
     a, b = image_tree(tmp_path / "a" / "data", seed=1), image_tree(tmp_path / "b" / "data", seed=2)
     out = str(tmp_path / "e.json")
     real, done = evaluate.evaluate_batch, []
@@ -111,16 +112,20 @@ def test_batches_left_by_a_run_on_other_data_are_discarded(tiny_weights, tmp_pat
         return real(*args, **kw)
 
     monkeypatch.setattr(evaluate, "evaluate_batch", stop_after_one)
-    common = ["--arch", tiny_weights, *EVAL, "--batch-size", "4", "--out", out]
+    common = ["--arch", tiny_weights, *EVAL, "--batch-size", "4"]
     with pytest.raises(KeyboardInterrupt):
-        evaluate.main([*common, "--dataset", a])
-    assert os.listdir(f"{out}.partial/data")  # a's finished batch is kept for a resume
+        evaluate.main([*common, "--out", out, "--dataset", a])
+    kept = [os.path.join(f"{out}.partial", d) for d in os.listdir(f"{out}.partial")]
+    assert len(kept) == 1 and "batch000000.json" in os.listdir(kept[0])  # a's finished batch is kept for a resume
     monkeypatch.setattr(evaluate, "evaluate_batch", real)
-    evaluate.main([*common, "--dataset", b])
-    assert "discarding 1 batches" in capsys.readouterr().out
-    alone = str(tmp_path / "b.json")
-    evaluate.main(["--arch", tiny_weights, *EVAL, "--batch-size", "4", "--out", alone, "--dataset", b])
-    assert json.load(open(out))[b]["clean"] == json.load(open(alone))[b]["clean"]
+    evaluate.main([*common, "--out", out, "--dataset", b])
+    assert "discarding" not in capsys.readouterr().out and "batch000000.json" in os.listdir(kept[0])
+    evaluate.main([*common, "--out", str(tmp_path / "b.json"), "--dataset", b])
+    assert json.load(open(out))[b]["images"] == json.load(open(tmp_path / "b.json"))[b]["images"]
+    evaluate.main([*common, "--out", out, "--dataset", a])
+    assert "reusing 1 of 2 batches" in capsys.readouterr().out and not os.path.exists(f"{out}.partial")
+    evaluate.main([*common, "--out", str(tmp_path / "a.json"), "--dataset", a])
+    assert json.load(open(out))[a]["images"] == json.load(open(tmp_path / "a.json"))[a]["images"]
 
 
 def test_default_out_names_attack_and_eps(tiny_weights, tmp_path, monkeypatch):

@@ -1,0 +1,262 @@
+"""evaluate.py: every accuracy with its n and Wilson interval, per-image correctness that survives a
+resume and a torchrun split, PGD's two scorings kept apart, the reduced APGD-CE + APGD-T ensemble,
+and the user's files (an unrelated JSON or .md, a second run on the same --out, flags that contradict
+the checkpoint) refused in one line before any work."""
+import json
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import data
+import evaluate
+import nap
+import runtime
+import stats
+import train
+from clip.model import CLIP
+from conftest import TINY, cli
+from test_distributed import finish, torchrun
+
+EVAL = ["--dataset", "synthetic", "--attack", "pgd", "--steps", "2", "--n-samples", "21", "--batch-size", "8",
+        "--workers", "0", "--device", "cpu"]
+# 3 batches; PGD whose random start dominates its two tiny steps, so that the any-iterate and last-iterate
+# scorings differ (as test_distributed.py's PGD)
+VARIED = ["--dataset", "synthetic-colour", "--attack", "pgd", "--steps", "2", "--n-samples", "60", "--batch-size", "20",
+          "--workers", "0", "--device", "cpu", "--eps", "32/255", "--alpha", "0.01/255"]
+
+
+@pytest.fixture(scope="module")
+def varied_weights(tmp_path_factory):
+    """The tiny CLIP without image position and class embeddings, so its predictions depend on the pixels
+    (as in test_distributed.py): per-image flags that are not all alike."""
+    torch.manual_seed(0)
+    model = CLIP(*TINY)
+    with torch.no_grad():
+        model.visual.positional_embedding.zero_()
+        model.visual.class_embedding.zero_()
+    path = str(tmp_path_factory.mktemp("weights") / "varied.pt")
+    torch.save(model.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tecoa(tiny_weights, tmp_path_factory):
+    """A TeCoA checkpoint (it fine-tunes the image encoder) after one epoch on the tiny CLIP."""
+    out = tmp_path_factory.mktemp("run") / "tecoa"
+    train.main(["--dataset", "synthetic", "--shots", "1", "--batch-size", "8", "--workers", "0", "--device", "cpu",
+                "--epochs", "1", "--steps", "1", "--arch", tiny_weights, "--method", "tecoa", "--out", str(out)])
+    return str(out / "checkpoint.pt")
+
+
+def one_line_error(r, *fragments):
+    lines = [line for line in r.stderr.strip().splitlines() if line.strip() and not line.startswith("warning")]
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+def flags(s: str) -> list:
+    return [c == "1" for c in s]
+
+
+# ---------------------------------------------------------------------- intervals and per-image correctness
+
+def test_each_accuracy_has_its_n_interval_and_per_image_flags(varied_weights, tmp_path):
+    out = tmp_path / "e.json"
+    evaluate.main(["--arch", varied_weights, *VARIED, "--out", str(out)])
+    r = json.loads(out.read_text())["synthetic-colour"]
+    n, images = r["n_samples"], r["images"]
+    assert n == 60 and images["evaluated"].count("1") == 60 and len(images["clean"]) == len(images["robust"]) == 60
+    for key in ("clean", "robust"):
+        k = images[key].count("1")
+        assert r[key] == pytest.approx(100 * k / n)
+        assert r[f"{key}_ci95"] == pytest.approx([100 * v for v in stats.wilson(k, n)], abs=0.006)
+    # the clean flags, counted by hand on the images the record names
+    ds = data.build_dataset("synthetic-colour", split="test", transform=data.eval_transform(32))
+    chosen = [i for i, c in enumerate(images["evaluated"]) if c == "1"]
+    model = nap.PromptedCLIP(runtime.load_backbone(varied_weights, torch.device("cpu")), ds.classnames,
+                             nap.PRESETS["zeroshot"])
+    with torch.no_grad():
+        right = model(torch.stack([ds[i][0] for i in chosen])).argmax(1) == torch.tensor([ds.targets[i] for i in chosen])
+    assert flags(images["clean"]) == right.tolist() and 0 < right.sum() < 60
+    table = (tmp_path / "e.md").read_text()
+    low, high = r["clean_ci95"]
+    assert f"| synthetic-colour | 60 | {r['clean']:.2f} [{low:.1f}, {high:.1f}] |" in table
+    assert "scored on any iterate" in table and "n 60 images" in table
+
+
+def test_per_image_flags_survive_a_resume(varied_weights, tmp_path, monkeypatch):
+    whole = tmp_path / "whole.json"
+    evaluate.main(["--arch", varied_weights, *VARIED, "--out", str(whole)])
+    real, done = evaluate.evaluate_batch, []
+
+    def stop_after_two(*args, **kw):
+        if len(done) == 2:
+            raise KeyboardInterrupt
+        done.append(1)
+        return real(*args, **kw)
+
+    out = tmp_path / "e.json"
+    monkeypatch.setattr(evaluate, "evaluate_batch", stop_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.main(["--arch", varied_weights, *VARIED, "--out", str(out)])
+    monkeypatch.setattr(evaluate, "evaluate_batch", real)
+    evaluate.main(["--arch", varied_weights, *VARIED, "--out", str(out)])
+    a, b = (json.loads(p.read_text())["synthetic-colour"] for p in (whole, out))
+    assert a["images"] == b["images"] and (a["clean"], a["robust"]) == (b["clean"], b["robust"])
+
+
+def test_per_image_flags_survive_a_torchrun_split(varied_weights, tmp_path):
+    """3 batches over 2 processes: every per-image flag as with one process."""
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    evaluate.main(["--arch", varied_weights, *VARIED, "--out", str(one)])
+    finish(torchrun("evaluate.py", "--arch", varied_weights, *VARIED, "--out", str(two)))
+    a, b = (json.loads(p.read_text())["synthetic-colour"] for p in (one, two))
+    assert a["images"] == b["images"] and a["robust_ci95"] == b["robust_ci95"]
+    assert 0 < a["images"]["robust"].count("1") < a["images"]["clean"].count("1")  # the flags tell images apart
+
+
+# ---------------------------------------------------------------------- PGD's scoring
+
+def test_last_iterate_scoring_is_never_stronger_and_is_kept_apart(varied_weights, tmp_path):
+    common = ["--arch", varied_weights, *VARIED]
+    evaluate.main([*common, "--out", str(tmp_path / "any.json")])
+    evaluate.main([*common, "--pgd-score", "last", "--out", str(tmp_path / "last.json")])
+    any_, last = (json.loads((tmp_path / f"{s}.json").read_text())["synthetic-colour"] for s in ("any", "last"))
+    assert any_["images"]["evaluated"] == last["images"]["evaluated"]
+    a, b = flags(any_["images"]["robust"]), flags(last["images"]["robust"])
+    assert all(y for x, y in zip(a, b) if x) and sum(b) > sum(a)  # right under any -> right under last
+    assert (any_["pgd_score"], last["pgd_score"], last["settings"]["pgd_score"]) == ("any", "last", "last")
+    assert "scored on the last iterate" in (tmp_path / "last.md").read_text()
+    assert stats.paired(last, any_)["a_only"] == sum(b) - sum(a)
+    with pytest.raises(ValueError, match="other settings.*pgd_score"):  # the two scorings never share a file
+        evaluate.main([*common, "--pgd-score", "last", "--out", str(tmp_path / "any.json")])
+    args = evaluate.parse_args(["--pgd-score", "last"])
+    assert evaluate.default_out("zeroshot", args) != evaluate.default_out("zeroshot", evaluate.parse_args([]))
+    one_line_error(cli("evaluate.py", "--attack", "autoattack", "--pgd-score", "last"), "--pgd-score", "--attack pgd")
+
+
+def hand_written_last_iterate_pgd(model, x, y, eps, alpha, steps, seed) -> list:
+    """Per image, whether the model is right on PGD's last iterate: a uniform start in the ball drawn from a
+    generator seeded with seed, then sign steps of the summed cross-entropy, projected onto the ball and box."""
+    gen = torch.Generator().manual_seed(seed)
+    x_adv = (x + eps * (2 * torch.rand(x.shape, generator=gen) - 1)).clamp(0, 1)
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        (g,) = torch.autograd.grad(F.cross_entropy(model(x_adv), y, reduction="sum"), x_adv)
+        x_adv = (x + (x_adv.detach() + alpha * g.sign() - x).clamp(-eps, eps)).clamp(0, 1)
+    with torch.no_grad():
+        return (model(x_adv).argmax(1) == y).tolist()
+
+
+def test_last_scoring_equals_a_hand_written_last_iterate_pgd():
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 16), torch.nn.Tanh(), torch.nn.Linear(16, 5))
+    x, y = torch.rand(64, 3, 4, 4), torch.randint(0, 5, (64,))
+    for eps, alpha, steps in ((16 / 255, 2 / 255, 4), (64 / 255, 0.5 / 255, 2)):
+        right = hand_written_last_iterate_pgd(model, x, y, eps, alpha, steps, seed=11)
+        args = SimpleNamespace(attack="pgd", eps=eps, alpha=alpha, steps=steps, pgd_score="last")
+        last = evaluate.evaluate_batch(model, x, y, args, seed=11)
+        assert flags(last["robust_correct"]) == right and last["robust"] == sum(right)
+    any_ = evaluate.evaluate_batch(model, x, y, SimpleNamespace(**{**vars(args), "pgd_score": "any"}), seed=11)
+    assert flags(any_["robust_correct"]) != right  # the reference tells the two scorings apart
+
+
+def test_apgd_ce_plus_apgd_t_is_its_own_attack(varied_weights, tmp_path):
+    out = tmp_path / "e.json"
+    evaluate.main(["--arch", varied_weights, *VARIED, "--attack", "apgd-ce+apgd-t", "--eps", "4/255", "--out", str(out)])
+    r = json.loads(out.read_text())["synthetic-colour"]
+    assert r["attack"] == "apgd-ce+apgd-t" and set(r["broken_by"]) == {"apgd-ce", "apgd-t"}
+    assert r["images"]["clean"].count("1") - sum(r["broken_by"].values()) == r["images"]["robust"].count("1")
+    table = (tmp_path / "e.md").read_text()
+    assert "attack apgd-ce+apgd-t" in table and "autoattack" not in table.lower()
+    assert "eval-zeroshot-apgd-ce+apgd-t-1_255.json" in evaluate.default_out("zeroshot", evaluate.parse_args(
+        ["--attack", "apgd-ce+apgd-t"]))
+
+
+# ---------------------------------------------------------------------- the user's files
+
+def test_a_md_beside_out_that_evaluate_did_not_write_is_refused(tiny_weights, tmp_path):
+    docs = tmp_path / "mydocs"
+    docs.mkdir()
+    (docs / "report.md").write_text("# My report\n\nweeks of notes\n")
+    r = cli("evaluate.py", "--arch", tiny_weights, *EVAL, "--out", str(docs / "report.json"))
+    one_line_error(r, "report.md", "did not write", "choose another --out")
+    assert (docs / "report.md").read_text() == "# My report\n\nweeks of notes\n" and not (docs / "report.json").exists()
+    out = tmp_path / "e.json"
+    (tmp_path / "e.md").write_text("zeroshot, attack pgd, eps 1/255, steps 2\n\n| dataset | clean | robust |\n"
+                                   "|---|---:|---:|\n| synthetic | 9.52 | 4.76 |\n")  # an older evaluate.py's table
+    for _ in range(2):  # its own tables are rewritten
+        evaluate.main(["--arch", tiny_weights, *EVAL, "--out", str(out)])
+        assert (tmp_path / "e.md").read_text().startswith(evaluate.TABLE_MARK)
+    one_line_error(cli("evaluate.py", "--out", str(docs / "report.md")), "--out", "report.json")
+
+
+@pytest.mark.parametrize("mine", ['{"name": "my-project", "version": 3}', "[1, 2]", "{}", "not json"])
+def test_an_out_that_is_not_a_results_file_is_refused(mine, tiny_weights, tmp_path):
+    out = tmp_path / "mine.json"
+    out.write_text(mine)
+    one_line_error(cli("evaluate.py", "--arch", tiny_weights, *EVAL, "--out", str(out)),
+                   "not a results file of evaluate.py", "choose another --out")
+    assert out.read_text() == mine and not (tmp_path / "mine.md").exists()
+
+
+def test_a_results_list_made_by_editing_is_one_line(tiny_weights, tmp_path):
+    out = tmp_path / "e.json"
+    evaluate.main(["--arch", tiny_weights, *EVAL, "--out", str(out)])
+    edited = json.dumps(list(json.loads(out.read_text()).values()))
+    out.write_text(edited)
+    one_line_error(cli("evaluate.py", "--arch", tiny_weights, *EVAL, "--out", str(out)), "not a results file")
+    assert out.read_text() == edited
+
+
+def test_a_second_run_on_the_same_out_is_refused(tiny_weights, tmp_path):
+    """flock on <out>.lock: a run holding it refuses the next; a lock file left by a dead run does not block."""
+    out = str(tmp_path / "e.json")
+    with runtime.exclusive(out):
+        line = one_line_error(cli("evaluate.py", "--arch", tiny_weights, *EVAL, "--out", out),
+                              "being written by another run", f"pid {os.getpid()}")
+        assert not os.path.exists(out)
+    assert not os.path.exists(f"{out}.lock"), line
+    with open(f"{out}.lock", "w") as f:
+        f.write(f"{runtime.LOCK_TAG} {out}: pid 999999999\n")  # a run killed before it removed its lock
+    r = cli("evaluate.py", "--arch", tiny_weights, *EVAL, "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert json.load(open(out))["synthetic"]["n_samples"] == 21 and not os.path.exists(f"{out}.lock")
+    with open(f"{out}.lock", "w") as f:
+        f.write("my notes")
+    one_line_error(cli("evaluate.py", "--arch", tiny_weights, *EVAL, "--out", out), "not a lock file")
+    assert open(f"{out}.lock").read() == "my notes"
+
+
+def test_flags_that_contradict_the_checkpoint_are_refused(tecoa, tiny_weights, tmp_path):
+    torch.manual_seed(5)
+    other = str(tmp_path / "other.pt")
+    torch.save(CLIP(*TINY).state_dict(), other)
+    out = str(tmp_path / "e.json")
+    one_line_error(cli("evaluate.py", "--checkpoint", tecoa, "--vision-weights", other, *EVAL, "--out", out),
+                   "--vision-weights", "fine-tuned image encoder")
+    one_line_error(cli("evaluate.py", "--checkpoint", tecoa, "--method", "nap", *EVAL, "--out", out),
+                   "--method nap", "tecoa")
+    assert not os.path.exists(out)
+    evaluate.main(["--checkpoint", tecoa, "--method", "tecoa", *EVAL, "--out", out])  # the same method, said aloud
+    assert json.load(open(out))["synthetic"]["identity"]["model"]["method"] == "tecoa"
+
+
+def test_a_result_of_an_older_evaluate_is_recomputed_not_refused(tiny_weights, tmp_path, capsys):
+    out = tmp_path / "e.json"
+    evaluate.main(["--arch", tiny_weights, *EVAL, "--out", str(out)])
+    new = json.loads(out.read_text())
+    old = json.loads(out.read_text())
+    r = old["synthetic"]
+    for key in ("images", "clean_ci95", "robust_ci95", "pgd_score"):
+        del r[key]
+    del r["identity"]["settings"]["pgd_score"], r["settings"]["pgd_score"]
+    out.write_text(json.dumps(old))
+    evaluate.main(["--arch", tiny_weights, *EVAL, "--out", str(out)])
+    assert "older evaluate.py" in capsys.readouterr().out
+    assert json.loads(out.read_text())["synthetic"]["images"] == new["synthetic"]["images"]
