@@ -218,18 +218,20 @@ def test_a_second_run_on_the_same_out_is_refused(tiny_weights, tmp_path):
     """flock on <out>.lock: a run holding it refuses the next; a lock file left by a dead run does not block."""
     out = str(tmp_path / "e.json")
     with runtime.exclusive(out):
-        line = one_line_error(cli("evaluate.py", "--arch", tiny_weights, *EVAL, "--out", out),
-                              "being written by another run", f"pid {os.getpid()}")
+        one_line_error(cli("evaluate.py", "--arch", tiny_weights, *EVAL, "--out", out),
+                       "being written by another run", f"pid {os.getpid()}")
+        with pytest.raises(runtime.RunError, match="being written by another run"):  # also within one process
+            evaluate.main(["--arch", tiny_weights, *EVAL, "--out", out])
         assert not os.path.exists(out)
-    assert not os.path.exists(f"{out}.lock"), line
+    assert not os.path.exists(f"{out}.lock")
     with open(f"{out}.lock", "w") as f:
         f.write(f"{runtime.LOCK_TAG} {out}: pid 999999999\n")  # a run killed before it removed its lock
-    r = cli("evaluate.py", "--arch", tiny_weights, *EVAL, "--out", out)
-    assert r.returncode == 0, r.stderr
+    evaluate.main(["--arch", tiny_weights, *EVAL, "--out", out])
     assert json.load(open(out))["synthetic"]["n_samples"] == 21 and not os.path.exists(f"{out}.lock")
     with open(f"{out}.lock", "w") as f:
         f.write("my notes")
-    one_line_error(cli("evaluate.py", "--arch", tiny_weights, *EVAL, "--out", out), "not a lock file")
+    with pytest.raises(ValueError, match="not a lock file"):
+        evaluate.main(["--arch", tiny_weights, *EVAL, "--out", out])
     assert open(f"{out}.lock").read() == "my notes"
 
 
