@@ -185,11 +185,12 @@ def _loss_grad(model, x, y, loss_fn, t=None, eot=1, labels=False):
             if labels:
                 _check_labels(y, z)
             # The loss and its gradient g_z w.r.t. the logits are computed on a float64 copy of z,
-            # and g_z / p, p the largest power of 2 <= max|g_z| of the point, flows back through the
-            # model: a confident point's softmax gradient (e^-margin, below fp16's smallest number
-            # beyond a margin of ~17) would underflow to 0 in an fp16 model's backward and the attack
-            # would never move. Sign and L2-normalised steps ignore a positive factor per point, and
-            # a power of 2 scales exactly (FAB's margin loss has p = 1: its gradient is the true one).
+            # and g_z / p, p the largest power of 2 <= max|g_z| of the point, flows back through
+            # the model: a confident point's softmax gradient (e^-margin, below fp16's smallest
+            # number beyond a margin of ~17) would underflow to 0 in an fp16 model's backward and
+            # the attack would never move. Sign and L2-normalised steps ignore a positive factor
+            # per point, and a power of 2 scales exactly (FAB's margin loss has p = 1: its
+            # gradient is the true one).
             wide = torch.float32 if z.device.type == "mps" else torch.float64  # mps has no float64
             if loss_fn not in (_ce, _dlr, _dlr_targeted, _target_margin):  # pgd(loss=...): closures
                 wide = x.dtype  # may hold float32 tensors: x's precision (>= float32), as always
@@ -206,7 +207,8 @@ def _loss_grad(model, x, y, loss_fn, t=None, eot=1, labels=False):
         loss, logits = loss + l.detach().to(x.dtype), logits + z.detach().to(x.dtype)
     # EOT averages true gradients: pass k weighs p_k / max_k p_k
     top = torch.stack(scales).amax(0)
-    grad = sum(g * _bc(torch.where(top > 0, p / top, 0).to(g.dtype), g) for g, p in zip(grads, scales))
+    weights = [torch.where(top > 0, p / top, 0).to(x.dtype) for p in scales]
+    grad = sum(g * _bc(w, g) for g, w in zip(grads, weights))
     return loss / eot, grad / eot, logits / eot
 
 

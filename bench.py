@@ -13,6 +13,8 @@
            recipe's loss, attack and optimiser): trained parameters, optimizer state, seconds, image
            passes, peak memory
   e2e      PGD-100 evaluation of a trained checkpoint: evaluate.py's path against the peers'
+  (suite)  precision: PGD-100 robust accuracy of one model in fp16 and in fp32 on the same images, within 0.5 points
+           (--gpu-suite only; a checkpoint given with --checkpoint, else a prototype classifier on random weights)
 
     python bench.py --quick       # tiny CLIP on the CPU (one thread), under 2 minutes
     python bench.py               # ViT-B/16-sized CLIP (random weights: same speed) on the GPU, fp16
@@ -852,6 +854,85 @@ def report_methods(rows, precision, memory_label, dataset=METHODS_DATASET):
               f"{r['seconds']:.3f} | {r['batch'] / r['seconds']:,.2f} | {_mib(r['memory'])} |")
 
 
+# ---------------------------------------------------------------------- attack precision: 16 bits against fp32
+
+FP32_SLOWDOWN = 5.0  # an fp32 image-step's time over a 16-bit one's on an H100 [C]: 67 against 989 TFLOP/s dense
+                     # peak (no tensor cores: TF32 is off by default), at a higher share of the peak
+
+
+def near_duplicates(model, n, device, seed=0):
+    """n images [n, 3, R, R] in [0, 1]: one random image plus uniform noise, its amplitude rising geometrically from
+    4/255 to 128/255 across the images [C]. A random CLIP's features of unrelated images differ by little, so these
+    differ by about what an attack changes: each can be a class of its own, some within eps of another, some not."""
+    spread = torch.logspace(2, 7, n, base=2).view(-1, 1, 1, 1).to(device) / 255
+    return (_images(model, 1, device, seed) + spread * (2 * _images(model, n, device, seed + 1) - 1)).clamp(0, 1)
+
+
+def prototype_logits(model, device, precision, prototypes):
+    """A confident classifier on ours' image path, images [B,3,R,R] -> logits [B, K] in float32, under runtime.autocast
+    as evaluate.py runs ours: class k is prototypes[k]'s image feature, centred on their mean, logit scale 100 (trained
+    CLIP's). Each prototype is its class by tens of logits: a softmax gradient below 16-bit floats' range."""
+    with torch.no_grad(), runtime.autocast(device, precision):
+        features = model.image_embedding(prototypes).float()
+    mean = features.mean(0)
+    classes = F.normalize(features - mean, dim=-1)
+
+    def logits(images):
+        with runtime.autocast(device, precision):
+            return (100 * F.normalize(model.image_embedding(images).float() - mean, dim=-1) @ classes.t()).float()
+    return logits
+
+
+def bench_precision(fns, x, y, eps, steps, batch, seed=0):
+    """evaluate.py's PGD-`steps` (step 1/255, early stopping, batch b seeded seed + b) of each logits function in fns
+    ({precision: fn}, one model in several precisions) on the same images x [N,3,R,R], labels y [N].
+    -> {precision: (clean %, robust %)}."""
+    result = {}
+    for precision, fn in fns.items():
+        clean = robust = 0
+        for b, i in enumerate(range(0, len(x), batch)):
+            c, a = our_batch(fn, x[i:i + batch], y[i:i + batch], eps, 1 / 255, steps, seed + b)
+            clean, robust = clean + int((c == y[i:i + batch]).sum()), robust + int((a == y[i:i + batch]).sum())
+        result[precision] = (100 * clean / len(x), 100 * robust / len(x))
+    return result
+
+
+def precision_check(s, backbone, device, precision, checkpoint=None, eps=1 / 255, tolerance=0.5):
+    """The GPU suite's precision part: PGD-s.precision_steps robust accuracy of one model in 16 bits (the run's
+    precision, fp16 if that is fp32) and in fp32 on the same s.precision_images images, within `tolerance` points
+    or an AssertionError. The model: a train.py checkpoint on its test set, else prototype_logits on the suite's
+    random backbone (prompted, nap preset) and near_duplicates images."""
+    low = precision if precision != "fp32" else "fp16"
+    fns = {}
+    for p in (low, "fp32"):
+        if checkpoint:
+            model, _, test, name = load_trained(checkpoint, None, device, p)
+            idx = eval_subset(len(test), s.precision_images, 0)
+            x = torch.stack([test[i][0] for i in idx]).to(device)
+            y = torch.tensor([test[i][1] for i in idx], device=device)
+            fns[p], source = our_logits(model, device, p), f"{checkpoint} on {name}"
+        else:
+            model = prompted(backbone if p == precision else random_clip(s.arch, device, p), 10)
+            x = near_duplicates(model, s.precision_images, device)
+            y = torch.arange(len(x), device=device)
+            fns[p], source = prototype_logits(model, device, p, x), "prototype classifier on the random backbone"
+    r = bench_precision(fns, x, y, eps, s.precision_steps, s.eval_batch)
+    gap = abs(r[low][1] - r["fp32"][1])
+    print(f"\nAttack precision: evaluate.py's PGD-{s.precision_steps} (eps {eps * 255:g}/255, step 1/255, early "
+          f"stopping) of one model in {low} (weights and autocast) and in fp32, on the same {len(x)} images; "
+          f"{source}.\n")
+    print("| precision | clean % | robust % |\n|---|---:|---:|")
+    for p, (clean, robust) in r.items():
+        print(f"| {p} | {clean:.1f} | {robust:.1f} |")
+    verdict = "PASS" if gap <= tolerance else "FAIL"
+    print(f"\nprecision: robust {low} {r[low][1]:.1f}%, fp32 {r['fp32'][1]:.1f}%, {gap:.1f} points apart: {verdict} "
+          f"(within {tolerance:g})")
+    if verdict == "FAIL":
+        raise AssertionError(f"robust accuracy in {low} is {gap:.1f} points from fp32's: the attack depends on the "
+                             "precision")
+    return r
+
+
 # ---------------------------------------------------------------------- the GPU suite
 
 @dataclass(frozen=True)
@@ -872,16 +953,23 @@ class Suite:
     est_tflops: float = None
     compile_s: float = 0.0
     methods_batch: int = 0  # one training step per method (bench_methods) at this batch; 0: no such part
+    precision_images: int = 0  # PGD robust accuracy in 16 bits against fp32 (precision_check) on as many; 0: no part
+    precision_steps: int = 100  # its PGD steps (evaluate.py's PGD-100)
 
 
 SUITES = {
-    # One H100 in at most 8 minutes: the parts are budgeted at 150 TFLOP/s (15% of the fp16 peak) plus 150 s of
-    # compilation; a part that would end after 450 s is skipped (set-up, ~30 s, and start-up come on top).
-    "h100": Suite("vit-b/16", (10, 100, 1000), 256, 10, 32, 2, 512, 10, 32, 3, "inductor", 450, 150.0, 150.0, 32),
+    # One H100 in at most 8 minutes: the parts are budgeted at 150 TFLOP/s (15% of the fp16 peak), the precision
+    # part's fp32 half at a fifth of that (FP32_SLOWDOWN), plus 150 s of compilation: ~300 s in all; a part that would
+    # end after 450 s is skipped (set-up, ~30 s, and start-up come on top). The precision part: PGD-100 on 200 images,
+    # so that 0.5 points is one image.
+    "h100": Suite("vit-b/16", (10, 100, 1000), 256, 10, 32, 2, 512, 10, 32, 3, "inductor", 450, 150.0, 150.0, 32,
+                  precision_images=200),
     # The same parts at ViT-B/16 size with a few iterations each, to time them on a CPU.
-    "cpu-check": Suite("vit-b/16", (10, 100), 2, 1, 2, 1, 2, 1, 2, 1, None, float("inf"), methods_batch=2),
+    "cpu-check": Suite("vit-b/16", (10, 100), 2, 1, 2, 1, 2, 1, 2, 1, None, float("inf"), methods_batch=2,
+                       precision_images=2, precision_steps=1),
     # Every part at tiny size in seconds on a CPU (the test); dynamo with the eager backend stands in for inductor.
-    "tiny": Suite("tiny", (3, 30), 4, 2, 4, 1, 4, 2, 2, 1, "eager", float("inf"), methods_batch=2),
+    "tiny": Suite("tiny", (3, 30), 4, 2, 4, 1, 4, 2, 2, 1, "eager", float("inf"), methods_batch=2,
+                  precision_images=6, precision_steps=4),
 }
 
 
@@ -916,16 +1004,21 @@ def suite_work(s, image_gflop, forward_gflop, text_gflop_per_class):
     }
     if s.methods_batch:
         work["methods"] = methods_work(s.methods_batch, r + 1)
+    if s.precision_images:  # two precisions: prototypes, clean, PGD's own clean check, last iterate, scoring
+        work["precision"] = (2 * s.precision_images * s.precision_steps, 10 * s.precision_images, 0)
     if s.compile_backend:
         work["compile"] = ((r + 1) * s.step_batch * s.step_steps, 0, max(s.classes))
     return {k: (i, f, t, i * image_gflop + f * forward_gflop + t * text_gflop_per_class) for k, (i, f, t) in work.items()}
 
 
 def suite_estimates(s, work):
-    """Seconds each part is budgeted at s.est_tflops (+ s.compile_s for 'compile'); zeros without a rate."""
+    """Seconds each part is budgeted at s.est_tflops (+ s.compile_s for 'compile'; the fp32 half of 'precision' at
+    FP32_SLOWDOWN times the time); zeros without a rate."""
     if s.est_tflops is None:
         return {k: 0.0 for k in work}
-    return {k: w[3] / 1e3 / s.est_tflops + (s.compile_s if k == "compile" else 0.0) for k, w in work.items()}
+    slower = {"precision": (1 + FP32_SLOWDOWN) / 2}
+    return {k: w[3] / 1e3 / s.est_tflops * slower.get(k, 1.0) + (s.compile_s if k == "compile" else 0.0)
+            for k, w in work.items()}
 
 
 def bench_step(model, batch, steps, device, precision, repeats, compile_backend=None):
@@ -962,10 +1055,11 @@ class _Tee:
             stream.flush()
 
 
-def gpu_suite(size, device, precision, out, peak_tflops=None):
+def gpu_suite(size, device, precision, out, peak_tflops=None, checkpoint=None):
     """Everything BENCHMARKS.md leaves pending, in one run on one GPU (SUITES[size]); prints one markdown block and
     rewrites `out` with it after every part (a run cut short keeps what it finished). A part that would overrun the
-    budget is skipped, a part that fails is reported; -> True if every part ran."""
+    budget is skipped, a part that fails (the precision check's FAIL too) is reported; -> True if every part ran
+    and passed. checkpoint: a train.py checkpoint for the precision part (default: the random backbone)."""
     s = SUITES[size]
     text = io.StringIO()
     ok, start = True, time.monotonic()
@@ -1050,7 +1144,9 @@ def gpu_suite(size, device, precision, out, peak_tflops=None):
                                         f"{s.profile_batch}; {'GPU kernel' if device.type == 'cuda' else 'CPU'} self times).")
 
         parts = {"text": part_text, "eval": part_eval, "step": part_step, "flops": part_flops, "train": part_train,
-                 "profile": part_profile, "methods": part_methods, "compile": part_compile}
+                 "profile": part_profile, "methods": part_methods,
+                 "precision": lambda: precision_check(s, backbone, device, precision, checkpoint),
+                 "compile": part_compile}
         parts = {k: v for k, v in parts.items() if k in work}
         save()
         for name, run in parts.items():
@@ -1223,7 +1319,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's; 1 with --quick, "
                                                              "steady when other processes share the cores)")
     e2e = p.add_argument_group("e2e: PGD evaluation of a trained checkpoint, ours against the peers'")
-    e2e.add_argument("--checkpoint", default=None, help="a checkpoint.pt written by train.py")
+    e2e.add_argument("--checkpoint", default=None, help="a checkpoint.pt written by train.py (also the model of "
+                                                         "--gpu-suite's precision part)")
     e2e.add_argument("--dataset", default=None, help="test set to attack (default: the checkpoint's training set)")
     e2e.add_argument("--n-samples", type=int, default=None, help="the seeded subset evaluate.py draws (default: all)")
     e2e.add_argument("--steps", type=int, default=100, help="PGD steps")
@@ -1246,7 +1343,7 @@ def main(argv=None):
         if device.type == "cpu" and args.gpu_suite == "h100":
             print("note: no GPU; the h100 suite takes hours on a CPU (--gpu-suite cpu-check times its parts with a "
                   "few iterations, --gpu-suite tiny runs them in seconds)", file=sys.stderr)
-        if not gpu_suite(args.gpu_suite, device, precision, args.out, args.peak_tflops):
+        if not gpu_suite(args.gpu_suite, device, precision, args.out, args.peak_tflops, args.checkpoint):
             sys.exit(1)
         return
     arch = args.arch or ("tiny" if args.quick else "vit-b/16")

@@ -394,8 +394,9 @@ def test_plain_pgd_is_the_fixed_step_loop():
 
 def test_pgd_momentum_is_fares_rule():
     """momentum=0 is plain PGD; momentum > 0 is chs20/RobustVLM's rule, written out here for both norms, and
-    with early stopping each point follows the same path until it is fooled. Under L-inf, sign(0.9 v + sign(g))
-    is sign(g) wherever g != 0: the velocity only moves pixels whose gradient is 0, here those under 0.4."""
+    with early stopping each point follows the same path until it is fooled. Under L-inf,
+    sign(0.9 v + sign(g)) is sign(g) wherever g != 0: the velocity only moves pixels whose gradient
+    is 0, here those under 0.4."""
     net, x = tiny_cnn(), images()
     y = labels_mostly_right(net, x)
     gen = torch.Generator().manual_seed(2)

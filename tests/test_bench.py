@@ -203,10 +203,24 @@ def test_gpu_suite_runs_every_part_tiny(tmp_path):
     assert bench.gpu_suite("tiny", CPU, "fp32", str(out))
     text = out.read_text()
     for heading in ("One text-encoder forward", "Evaluation, PGD-2", "Attack step alone", "FLOPs of one attack step",
-                    "Training step", "Profile of one attack step", "Training step per method"):
+                    "Training step", "Profile of one attack step", "Training step per method", "Attack precision"):
         assert heading in text, heading
     assert "torch.compile (eager)" in text and "failed" not in text and "skipped" not in text
     assert "| counted / analytic at batch 2 | 1.0000 | 1.0000 | 1.0000 |" in text
+    # the same model in fp16 (on the CPU too) and fp32: attacks.pgd breaks the same points (before its fix, fp16's
+    # softmax gradient underflowed: 66.7% against 33.3% here)
+    m = re.search(r"^precision: robust fp16 (\d+\.\d)%, fp32 (\d+\.\d)%, 0\.0 points apart: PASS \(within 0\.5\)$",
+                  text, re.M)
+    assert m and 0 < float(m[1]) == float(m[2]) < 100, m
+
+
+def test_precision_check_fails_loudly_beyond_half_a_point(backbone, monkeypatch):
+    s = dataclasses.replace(bench.SUITES["tiny"], precision_images=2, precision_steps=1)
+    monkeypatch.setattr(bench, "bench_precision", lambda fns, *a: {"fp16": (100.0, 40.0), "fp32": (100.0, 39.0)})
+    with pytest.raises(AssertionError, match="robust accuracy in fp16 is 1.0 points from fp32's"):
+        bench.precision_check(s, backbone, CPU, "fp32")
+    monkeypatch.setattr(bench, "bench_precision", lambda fns, *a: {"bf16": (100.0, 40.0), "fp32": (100.0, 39.5)})
+    assert bench.precision_check(s, backbone, CPU, "bf16")["bf16"] == (100.0, 40.0)  # the run's 16 bits; 0.5: a pass
 
 
 def test_suite_budget_fits_eight_minutes():
@@ -220,6 +234,10 @@ def test_suite_budget_fits_eight_minutes():
     # methods, 4 steps of batch 32: image-steps advmaple 16 x 2 + 32, nap 32 x (5 + 2), tecoa 32 x (2 + 1) + 32 and
     # fare 32 x (10 + 1) + 32 (weight gradients); FARE's 3 forward-only passes; text 100 classes x 3 with a backward
     assert work["methods"][:3] == (4 * (64 + 224 + 128 + 384), 4 * 96, 4 * 100 * (3 + 3 + 1 + 1))
+    # precision: PGD-100 on 200 images in fp16 and fp32, the fp32 half at a fifth of the rate
+    assert work["precision"][:3] == (2 * 200 * 100, 2 * 5 * 200, 0)
+    assert estimates["precision"] == pytest.approx(3 * work["precision"][3] / 1e3 / 150)
+    assert list(work)[-2:] == ["precision", "compile"]  # compilation last
 
 
 def test_profile_accounts_for_every_op(backbone, monkeypatch):
