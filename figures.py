@@ -11,7 +11,7 @@ Four figures, each written only when its results exist:
   transfer.png               NAP variants' clean and robust accuracy on the transfer tasks
 
 Every run is drawn in one colour, COLOURS[its method], in every figure; a run trained with another
-method's recipe (`advmaple@nap`) keeps its method's colour and is dashed or hatched.
+method's recipe family (`advmaple@nap`, `nap@baselines`) keeps its method's colour and is dashed or hatched.
 """
 import os
 import sys
@@ -20,6 +20,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+import recipes  # noqa: E402
 
 COLOURS = {
     "zeroshot": "#7f7f7f",
@@ -30,11 +32,11 @@ COLOURS = {
     "nap": "#d62728",
     "tecoa": "#ff7f0e",
     "fare": "#8c564b",
-    # NAP variants of the transfer investigation and the ablation
-    "nap-text-only": "#e377c2",
-    "nap-vision-only": "#bcbd22",
-    "nap-refine-vision": "#ff9896",
-    "nap-refine-text": "#c49c94",
+    # NAP variants of the comparison, the transfer investigation and the ablation
+    "nap-norefine": "#e377c2",
+    "nap-zeroinit": "#bcbd22",
+    "nap-both": "#ff9896",
+    "nap-text": "#c49c94",
     "nap-depth1": "#aec7e8",
     "nap-depth2": "#98df8a",
 }
@@ -42,13 +44,14 @@ FILES = ("eps-sweep.png", "depth-refiners.png", "frozen-vs-finetuned.png", "tran
 
 
 def colour(run: str) -> str:
-    """A run's colour: its own entry, else its method's (the part before '@')."""
+    """A run's colour: its model's (the part before '@'), e.g. nap@baselines -> nap's."""
     return COLOURS.get(run) or COLOURS.get(run.split("@")[0], "#000000")
 
 
 def other_recipe(run: str) -> bool:
-    """True for a run trained with another method's recipe (named method@recipe)."""
-    return "@" in run
+    """True for a run trained with another method's recipe family than its own (nap@baselines, advmaple@nap)."""
+    model, _, family = run.partition("@")
+    return bool(family) and family != recipes.METHOD_RECIPE.get(model, "nap")
 
 
 def eps_value(eps: str) -> float:
@@ -136,7 +139,7 @@ def depth_refiners(results: dict, path: str):
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4), squeeze=False)
     for ax, (key, eps, ylabel) in zip(axes[0], panels):
         values = []
-        for refiners, method, name in ((True, "nap", "with TokenRefiners"), (False, "advmaple", "without TokenRefiners")):
+        for refiners, method, name in ((True, "nap", "with TokenRefiners"), (False, "nap-norefine", "without TokenRefiners")):
             line = [(r["depth"], cell(results, r["run"], "pgd", eps, task, key)) for r in rows if r["refiners"] == refiners]
             line = [(d, v) for d, v in line if v is not None]
             if line:
@@ -153,8 +156,9 @@ def depth_refiners(results: dict, path: str):
 
 def frozen_vs_finetuned(results: dict, path: str):
     """Figure (c): NAP (frozen encoder) vs TeCoA and FARE (fine-tuned encoder), clean and robust per task; None without data."""
-    runs = [r for r in ("zeroshot", "nap", "tecoa", "fare") if r in results["runs"]]
-    if "nap" not in runs or not {"tecoa", "fare"} & set(runs):
+    nap = results.get("own", {}).get("nap", "nap@nap")
+    runs = [r for r in ("zeroshot", nap, "tecoa", "fare") if r in results["runs"]]
+    if nap not in runs or not {"tecoa", "fare"} & set(runs):
         return None
     eps, tasks = results["eval_eps"][0], results["tasks"]
     groups = tasks + ["average"]
@@ -171,7 +175,7 @@ def frozen_vs_finetuned(results: dict, path: str):
     fig, axes = plt.subplots(2, 1, figsize=(max(8, 1.6 * len(groups)), 7), sharex=True)
     grouped_bars(axes[0], groups, runs, value("clean"), "clean accuracy (%)", labels)
     grouped_bars(axes[1], groups, runs, value("robust"), f"robust accuracy (%), PGD eps {eps}", labels)
-    axes[0].set_title("frozen image encoder (zeroshot, nap) vs fine-tuned image encoder (tecoa, fare)")
+    axes[0].set_title(f"frozen image encoder (zeroshot, {nap}) vs fine-tuned image encoder (tecoa, fare)")
     outside_legend(axes[0])
     return save(fig, path)
 

@@ -1,44 +1,47 @@
-"""replicate.py: the paper's comparison at toy scale, offline, in one command.
+"""replicate.py: the paper's comparison at toy scale, controlled and repeated, offline, in one command.
 
-    python replicate.py                                      # the comparison: about 27 min on 2 idle CPU cores
-    python replicate.py --controls --ablation 4 --transfer   # the further parts, about 40 min more
+    python replicate.py                                    # the controlled comparison, one seed
+    python replicate.py --seeds 3                          # every training repeated with seeds 1, 2, 3
+    python replicate.py --ablation 4 --transfer            # the further parts (they reuse the comparison's runs)
 
 It only calls train.py and evaluate.py, exactly as a user would, and draws its tables and figures
-from their results. The parts:
+from their results. Runs are named `variant@recipe`: the model (a method of nap.PRESETS, or a NAP
+variant below) and the recipe family it trains with (recipes.py). The parts:
 
-  comparison (always, for --methods): zero-shot CLIP and every method trained on `synthetic` with its
-      source's recipe (train.py's default; recipes.py), scored at each --eval-eps (1/255, the paper's
-      radius, then 4/255): clean and PGD-100 accuracy on a seeded --samples subset of every synthetic
-      task, AutoAttack on a seeded --aa-samples subset of the training task, and trained parameters
-      counted from the checkpoint. Then the eps sweep: PGD-100 robust accuracy of every run on the
-      training task at each --sweep-eps (eps 0 is the clean accuracy of the same images; below 1/255
-      the PGD step is the radius itself).
-  --controls: advmaple trained with NAP's recipe and nap with the baselines' recipe, scored as above.
-  --ablation LAYERS: NAP at prompt depth 1..LAYERS with and without TokenRefiners, clean and PGD on
-      the training task at each --eval-eps (the paper's Figures 4 and 5). At NAP's own depth these
-      are the comparison's `nap` run and the `advmaple@nap` control (the same model without refiners).
-  --transfer: which part of NAP costs its zero-shot transfer: NAP with refiners off, on one tower only,
-      text or visual prompts only, and at smaller depths, all with NAP's recipe; clean and PGD at the
-      first --eval-eps on every task.
+  comparison (always): zero-shot CLIP, TeCoA and FARE with their own recipes, and every prompt
+      method (advpt, advvpt, advvlp, advmaple, nap) with EACH recipe family (--recipes: the
+      baselines' [B] and NAP's [D]), plus NAP without its TokenRefiners (`nap-norefine`, its
+      ablation), so that NAP meets the same prompts without refiners and AdvMaPLe as its source
+      configures it at the same recipe. Each trained with every seed of --seeds. Scored at each
+      --eval-eps: clean and PGD-100 accuracy on a seeded --samples subset of every synthetic task,
+      AutoAttack on the same images of the training task (--aa-samples, by default --samples),
+      and trained parameters counted from the checkpoint. Then the eps sweep of each method with
+      its own recipe: PGD on the training task at each --sweep-eps (eps 0 is the clean accuracy).
+  --ablation LAYERS: NAP at prompt depth 1..LAYERS with and without TokenRefiners, NAP's recipe,
+      clean and PGD on the training task at each --eval-eps (the paper's Figures 4 and 5).
+  --transfer: which part of NAP costs its zero-shot transfer: refiners off, starting as the
+      identity (--refiner-init zero), on the image tower ([D]), on both towers or the text tower
+      only (a reading of [P]) under both recipes; clean and PGD at the first --eval-eps on every task.
 
-Into --out: TABLE.md (the tables, the figures' names, the wall time), results.json (every number
-the tables and figures show; `python figures.py OUT` redraws the figures from it), eps-sweep.png,
-frozen-vs-finetuned.png, depth-refiners.png (--ablation), transfer.png (--transfer); a folder per
-trained run, eval/ (evaluate.py's results) and logs/ (each job's output when --jobs > 1).
+Every evaluation uses the same seeded images and attack seeds, so two runs are compared image by
+image (an exact McNemar test, stats.py). Tables give, per accuracy, its 95% Wilson interval (one
+seed) or the mean +- std over seeds; the paired comparisons say which differences are beyond noise.
+
+Into --out: TABLE.md (the tables, the paired tests, the figures' names, the wall time), results.json
+(every number the tables and figures show; `python figures.py OUT` redraws the figures from it),
+eps-sweep.png, frozen-vs-finetuned.png, depth-refiners.png (--ablation), transfer.png (--transfer); a
+folder per trained run and seed (RUN/seedS), eval/ (evaluate.py's results) and logs/ (each job's output).
 
 Runs are kept: a training is reused when its folder holds a finished run of the same train.py
-command on the same backbone file (anything else is trained anew, announced); evaluate.py reuses a
-result only when checkpoint, backbone, data and settings are the same. `--jobs N` runs N pipelines
-(a training, then its evaluations) at once, each with cores/N threads, the costliest first.
-
-Cost with the defaults on 2 idle cores (2 jobs of 1 thread; a toy training at NAP's recipe took
-387 s on 1 thread, its evaluations 209 s, of which AutoAttack at 1/255 106 s): about 1,650 s of
-training and 1,500 s of evaluation on one thread, so about 27 minutes. --controls adds about 8,
---ablation 4 about 20 and --transfer about 24 minutes alone (they share runs: all three about 40).
+command on the same backbone file (anything else is trained anew, announced; an interrupted one
+resumes); evaluate.py reuses a result only when checkpoint, backbone, data and settings are the same.
+The toy CLIP is built first, in the foreground, with its progress bar. `--jobs N` runs N trainings
+or evaluations at once, each with cores/N threads, the costliest first.
 """
 import argparse
 import hashlib
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -47,16 +50,59 @@ from concurrent.futures import ThreadPoolExecutor
 
 import figures
 import nap
+import recipes
 import runtime
+import stats
 import synthetic
 
-METHODS = ["zeroshot", "advpt", "advvpt", "advvlp", "advmaple", "nap", "tecoa", "fare"]
-CONTROLS = {"advmaple@nap": ["--method", "advmaple", "--recipe", "nap"],      # NAP's recipe, no refiners
-            "nap@baselines": ["--method", "nap", "--recipe", "baselines"]}   # NAP's model, the baselines' recipe
+PROMPT_METHODS = ["advpt", "advvpt", "advvlp", "advmaple", "nap"]
+METHODS = ["zeroshot", *PROMPT_METHODS, "tecoa", "fare"]
+FAMILIES = ["baselines", "nap"]  # the prompt-tuning recipe families of recipes.py
+VARIANTS = {  # NAP variants: train.py flags besides --recipe
+    "nap-norefine": ["--method", "nap", "--refine", "none"],           # NAP's prompts without TokenRefiners
+    "nap-zeroinit": ["--method", "nap", "--refiner-init", "zero"],     # refiners start as the identity
+    "nap-both": ["--method", "nap", "--refine", "both"],               # image + text (SOS) refiners, a reading of [P]
+    "nap-text": ["--method", "nap", "--refine", "text"],               # text (SOS) refiners only
+}
 SWEEP = ["0", "0.5/255", "1/255", "2/255", "4/255"]
 TASK = "synthetic"  # the training task; the others are zero-shot transfer targets
 TASKS = list(synthetic.TASKS)
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# ---------------------------------------------------------------------- runs: names, flags, folders
+
+def own_run(method: str) -> str:
+    """The run of a method with its own source's recipe: 'nap' -> 'nap@nap', 'advpt' -> 'advpt@baselines'."""
+    return f"{method}@{recipes.METHOD_RECIPE[method]}" if method in PROMPT_METHODS else method
+
+
+def run_flags(run: str):
+    """train.py flags of a run named variant@recipe, or a method (zeroshot: None, nothing to train)."""
+    if run == "zeroshot":
+        return None
+    if "@" not in run:
+        return ["--method", run]
+    variant, _, family = run.partition("@")
+    depth = re.fullmatch(r"nap-depth(\d+)(-norefine)?", variant)
+    if variant in PROMPT_METHODS:
+        flags = ["--method", variant]
+    elif variant in VARIANTS:
+        flags = list(VARIANTS[variant])
+    elif depth:
+        flags = ["--method", "nap", "--depth", depth.group(1), "--refine", "none" if depth.group(2) else "vision"]
+    else:
+        raise ValueError(f"unknown run {run!r}")
+    return flags + ["--recipe", family]
+
+
+def run_folder(out: str, run: str, seed: int) -> str:
+    return os.path.join(out, run, f"seed{seed}")
+
+
+def seeds_of(run: str, seeds: list) -> list:
+    """Zero-shot CLIP has no training seed: one result."""
+    return [None] if run == "zeroshot" else list(seeds)
 
 
 # ---------------------------------------------------------------------- running train.py and evaluate.py
@@ -89,96 +135,72 @@ def same_eps(a: str, b: str) -> bool:
     return abs(runtime.eps_arg(a) - runtime.eps_arg(b)) < 1e-12
 
 
-def backbone_key(arch: str) -> dict:
-    """The backbone file's identity (its SHA256), part of every training's key."""
-    return runtime.backbone_record(arch)
-
-
-def train_once(out: str, name: str, arch: str, flags: list, extra: list, runner) -> str:
-    """Trains run `name` into out/name unless a finished run of the same command and backbone is there.
-
-    An interrupted run of the same command resumes; a run of another command or backbone is
-    replaced (announced). Returns the checkpoint's path.
-    """
-    folder = os.path.join(out, name)
+def train_once(out: str, run_name: str, seed: int, arch: str, extra: list, runner) -> str:
+    """Trains run_name with this seed into out/RUN/seedS unless a finished run of the same command and backbone
+    is there. An interrupted run of the same command resumes; another command's run is replaced (announced)."""
+    folder = run_folder(out, run_name, seed)
     ckpt, marker = os.path.join(folder, "checkpoint.pt"), os.path.join(folder, "replicate.json")
-    command = ["train.py", "--arch", arch, "--dataset", TASK, "--workers", "0", "--out", folder, *flags, *extra]
-    key = {"command": command, "backbone": backbone_key(arch)}
+    command = ["train.py", "--arch", arch, "--dataset", TASK, "--workers", "0", "--out", folder,
+               *run_flags(run_name), "--seed", str(seed), *extra]
+    key = {"command": command, "backbone": runtime.backbone_record(arch)}
     state = runtime.read_json(marker, {}) or {}
+    label = f"{run_name} seed {seed}"
     if os.path.isfile(ckpt) and state.get("key") == key and state.get("done"):
-        print(f"{name}: reusing the finished run in {folder} (same train.py command and backbone)", flush=True)
+        print(f"{label}: reusing the finished run in {folder} (same train.py command and backbone)", flush=True)
         return ckpt
     resume = []
     if os.path.isfile(ckpt) and state.get("key") == key:
-        print(f"{name}: resuming the interrupted run in {folder}", flush=True)
+        print(f"{label}: resuming the interrupted run in {folder}", flush=True)
         resume = ["--resume"]
     elif os.path.isfile(ckpt):
         old = state.get("key", {})
         why = ("its command was: python " + shlex.join(old["command"]) if old.get("command") not in (None, command)
                else "it was trained on another backbone file" if old else "it has no record of its command")
-        print(f"{name}: {folder} holds another run ({why}); training anew", flush=True)
+        print(f"{label}: {folder} holds another run ({why}); training anew", flush=True)
         os.remove(ckpt)
     runtime.write_json({"key": key, "done": False}, marker)
-    runner(f"{name}-train", command + resume)
-    key["backbone"] = backbone_key(arch)  # the first toy run builds the backbone file
+    runner(f"{run_name}-seed{seed}-train", command + resume)
     runtime.write_json({"key": key, "done": True}, marker)
     return ckpt
 
 
-def model_flags(out: str, name: str, arch: str) -> list:
-    """evaluate.py's flags naming the model of run `name`."""
-    return ["--arch", arch, "--method", "zeroshot"] if name == "zeroshot" else \
-           ["--checkpoint", os.path.join(out, name, "checkpoint.pt")]
+def model_flags(out: str, run_name: str, seed, arch: str) -> list:
+    """evaluate.py's flags naming the model of one run and seed."""
+    return ["--arch", arch, "--method", "zeroshot"] if run_name == "zeroshot" else \
+           ["--checkpoint", os.path.join(run_folder(out, run_name, seed), "checkpoint.pt")]
 
 
-def eval_path(out: str, name: str, attack: str, eps: str, n: int, eval_extra: list) -> str:
-    """Where evaluate.py writes run `name`'s results of one attack, eps and subset size (and extra flags, by hash):
+def eval_path(out: str, run_name: str, seed, attack: str, eps: str, n: int, eval_extra: list) -> str:
+    """Where evaluate.py writes one run's results of one seed, attack, eps and subset size (and extra flags, by hash):
     evaluate.py refuses a results file of other settings, so each setting has its own."""
     flags = "-" + hashlib.sha256(shlex.join(eval_extra).encode()).hexdigest()[:8] if eval_extra else ""
-    return os.path.join(out, "eval", f"{name}-{attack}-{tag(eps)}-n{n}{flags}.json")
-
-
-def pipeline(out: str, name: str, arch: str, flags, evals: dict, train_extra: list, eval_extra: list, runner):
-    """Trains run `name` (unless zero-shot or flags is None), then runs its evaluations {(attack, eps): (datasets, n)}."""
-    if name != "zeroshot" and flags is not None:
-        train_once(out, name, arch, flags, train_extra, runner)
-    for (attack, eps), (datasets, n) in evals.items():
-        done = runner.evaluated.setdefault((name, attack, eps, n), set())
-        if datasets <= done:  # this call of replicate.py evaluated them already
-            continue
-        done |= datasets
-        step = ["--alpha", eps] if runtime.eps_arg(eps) < 1 / 255 else []  # PGD's step at most the radius
-        runner(f"{name}-{attack}-{tag(eps)}",
-               ["evaluate.py", *model_flags(out, name, arch), "--attack", attack, "--eps", eps, *step,
-                "--dataset", *[t for t in TASKS if t in datasets], "--n-samples", str(n), "--batch-size", str(n),
-                "--workers", "0", "--out", eval_path(out, name, attack, eps, n, eval_extra), *eval_extra])
+    who = run_name if seed is None else f"{run_name}-seed{seed}"
+    return os.path.join(out, "eval", f"{who}-{attack}-{tag(eps)}-n{n}{flags}.json")
 
 
 class Runner:
-    """Runs the subprocesses of one replicate.py call, `jobs` at a time, and records their wall times."""
+    """Runs the subprocesses of one replicate.py call, `jobs` at a time; records wall times and shows progress."""
 
-    def __init__(self, out: str, arch: str, jobs: int):
-        self.out, self.arch, self.jobs, self.timings, self.failed = out, arch, jobs, [], False
-        self.evaluated = {}  # (run, attack, eps, samples) -> the datasets evaluated by this call of replicate.py
+    def __init__(self, out: str, jobs: int, seeds: list):
+        self.out, self.jobs, self.seeds, self.timings, self.failed = out, jobs, seeds, [], False
+        self.start, self.done, self.total = time.time(), 0, 0
         threads = max(1, (os.cpu_count() or 1) // jobs)
         self.env = None if jobs == 1 or "OMP_NUM_THREADS" in os.environ else \
             {**os.environ, "OMP_NUM_THREADS": str(threads)}
 
     def __call__(self, label: str, args: list):
-        log = os.path.join(self.out, "logs", f"{label}.log") if self.jobs > 1 else None
+        log = os.path.join(self.out, "logs", f"{label}.log")
         seconds = run(args, log, self.env)
         self.timings.append({"job": label, "seconds": round(seconds, 1)})
-        if log:
-            print(f"finished {label} in {seconds:.0f} s", flush=True)
+        print(f"finished {label} in {seconds:.0f} s (its output: {log})", flush=True)
 
-    def map(self, work: list):
-        """Calls each function of work, `jobs` at a time (the first alone while the toy CLIP is not built yet)."""
-        if work and self.jobs > 1 and self.arch == "toy" and not os.path.isfile(runtime.backbone_file("toy")):
-            print("building the toy CLIP first (once, then cached)", flush=True)
-            work[0]()
-            work = work[1:]
+    def map(self, work: list, what: str):
+        """Calls each function of work, `jobs` at a time, printing 'job k of n, elapsed, ETA' as each ends."""
+        self.done, self.total, start = 0, len(work), time.time()
+        if work:
+            print(f"{what}: {len(work)} jobs, {self.jobs} at a time", flush=True)
         with ThreadPoolExecutor(self.jobs) as pool:
-            futures = [pool.submit(self.guarded, w) for w in work]
+            futures = [pool.submit(self.guarded, w, start) for w in work]
             try:
                 for future in futures:
                     future.result()
@@ -186,7 +208,7 @@ class Runner:
                 self.failed = True
                 raise
 
-    def guarded(self, work):
+    def guarded(self, work, start: float):
         """Calls work unless an earlier one failed (then nothing new starts; the running ones finish)."""
         if self.failed:
             return
@@ -195,156 +217,246 @@ class Runner:
         except BaseException:
             self.failed = True
             raise
+        self.done += 1
+        spent = time.time() - start
+        eta = spent / self.done * (self.total - self.done)
+        print(f"[{self.done}/{self.total}] elapsed {spent / 60:.1f} min, about {eta / 60:.0f} min left "
+              f"(whole run {(time.time() - self.start) / 60:.1f} min)", flush=True)
 
 
-def cost(flags) -> int:
+def cost(run_name: str) -> int:
     """A rough rank of a training's cost, to start the longest first: fare (PGD-10) > NAP's recipe (PGD-5) > others."""
-    if not flags:
-        return 0
-    recipe = flags[flags.index("--recipe") + 1] if "--recipe" in flags else flags[flags.index("--method") + 1]
+    flags = run_flags(run_name) or []
+    recipe = flags[flags.index("--recipe") + 1] if "--recipe" in flags else (flags[1] if flags else "")
     return {"fare": 3, "nap": 2}.get(recipe, 1)
 
 
-def run_plan(plan: dict, out: str, arch: str, train_extra: list, eval_extra: list, runner: Runner):
-    """Runs each run's pipeline (training, then its evaluations), the costliest first."""
-    names = sorted(plan, key=lambda n: -cost(plan[n][0]))
-    runner.map([lambda n=n: pipeline(out, n, arch, plan[n][0], plan[n][1], train_extra, eval_extra, runner)
-                for n in names])
+def build_toy_first(arch: str):
+    """Builds the toy CLIP in the foreground (its progress bar on this terminal) before any job needs it."""
+    if arch == "toy" and not os.path.isfile(runtime.backbone_file("toy")):
+        print("building the toy CLIP first (once, then cached; about 7 minutes on 2 idle cores)", flush=True)
+        run(["toyclip.py"])
 
 
-def add(plan: dict, name: str, flags, attack: str, eps: str, datasets: list, n: int):
-    """Adds an evaluation to run `name` of the plan, merging the datasets of the same attack and eps."""
-    _, evals = plan.setdefault(name, (flags, {}))
-    key = (attack, eps)
-    have = evals.get(key, (set(), n))[0]
-    evals[key] = (have | set(datasets), n)
+def execute(plan: dict, out: str, arch: str, train_extra: list, eval_extra: list, runner: Runner):
+    """Every training of the plan, then every evaluation: plan {run: {(attack, eps): (datasets, n)}}."""
+    trainings = sorted({(r, s) for r in plan for s in runner.seeds if r != "zeroshot"}, key=lambda rs: -cost(rs[0]))
+    runner.map([lambda r=r, s=s: train_once(out, r, s, arch, train_extra, runner) for r, s in trainings], "training")
+    evaluations = []
+    for r, evals in plan.items():
+        for seed in seeds_of(r, runner.seeds):
+            for (attack, eps), (datasets, n) in evals.items():
+                step = ["--alpha", eps] if runtime.eps_arg(eps) < 1 / 255 else []  # PGD's step at most the radius
+                label = f"{r}" + (f"-seed{seed}" if seed else "") + f"-{attack}-{tag(eps)}"
+                evaluations.append((label, ["evaluate.py", *model_flags(out, r, seed, arch), "--attack", attack,
+                                            "--eps", eps, *step, "--dataset", *[t for t in TASKS if t in datasets],
+                                            "--n-samples", str(n), "--batch-size", str(n), "--workers", "0",
+                                            "--out", eval_path(out, r, seed, attack, eps, n, eval_extra), *eval_extra]))
+    evaluations.sort(key=lambda e: e[1][e[1].index("--attack") + 1] != "autoattack")  # the costliest first
+    runner.map([lambda e=e: runner(*e) for e in evaluations], "evaluation")
+
+
+def add(plan: dict, run_name: str, attack: str, eps: str, datasets: list, n: int):
+    """Adds an evaluation to a run of the plan, merging the datasets of the same attack and eps."""
+    evals = plan.setdefault(run_name, {})
+    have = evals.get((attack, eps), (set(), n))[0]
+    evals[(attack, eps)] = (have | set(datasets), n)
 
 
 # ---------------------------------------------------------------------- the parts
 
-def run_flags(name: str):
-    """train.py flags of a comparison run or control (None for zero-shot CLIP)."""
-    return None if name == "zeroshot" else CONTROLS.get(name, ["--method", name])
+def comparison_runs(methods: list, families: list) -> list:
+    """zeroshot, each prompt method (and nap-norefine with nap) under each recipe family, then tecoa and fare."""
+    runs = ["zeroshot"] if "zeroshot" in methods else []
+    for m in PROMPT_METHODS + ["nap-norefine"]:
+        if m in methods or (m == "nap-norefine" and "nap" in methods):
+            runs += [f"{m}@{f}" for f in families]
+    return runs + [m for m in ("tecoa", "fare") if m in methods]
 
 
-def comparison_plan(plan: dict, names: list, eval_eps: list, sweep_eps: list, samples: int, aa_samples: int):
-    """Adds the comparison's evaluations: PGD on every task and AutoAttack on the training task at each eval eps,
-    PGD on the training task at each further sweep eps (eps 0 needs none: it is the clean accuracy)."""
-    for name in names:
-        for eps in eval_eps:
-            add(plan, name, run_flags(name), "pgd", eps, TASKS, samples)
-            if aa_samples:
-                add(plan, name, run_flags(name), "autoattack", eps, [TASK], aa_samples)
-        for eps in sweep_eps:
-            if runtime.eps_arg(eps) > 0:
-                add(plan, name, run_flags(name), "pgd", eps, [TASK], samples)
-
-
-def ablation_run(depth: int, refiners: bool, nap_depth: int):
-    """(run name, train.py flags) of NAP at this depth with or without refiners; at NAP's own depth the comparison's runs."""
-    if depth == nap_depth:
-        return ("nap", run_flags("nap")) if refiners else ("advmaple@nap", CONTROLS["advmaple@nap"])
-    refine = "both" if refiners and depth > 1 else "none"  # refiners sit at layers 2..J: depth 1 has none
-    name = f"nap-depth{depth}" + ("-norefine" if refine == "none" and depth > 1 else "")
-    return name, ["--method", "nap", "--depth", str(depth), "--refine", refine]
+def comparison_plan(plan: dict, runs: list, methods: list, args):
+    """PGD on every task and AutoAttack on the training task at each eval eps; the sweep for each method's own run."""
+    for r in runs:
+        for eps in args.eval_eps:
+            add(plan, r, "pgd", eps, TASKS, args.samples)
+            if args.aa_samples:
+                add(plan, r, "autoattack", eps, [TASK], args.aa_samples)
+    for m in methods:
+        if own_run(m) in runs:
+            for eps in args.sweep_eps:
+                if runtime.eps_arg(eps) > 0:
+                    add(plan, own_run(m), "pgd", eps, [TASK], args.samples)
 
 
 def ablation_rows(layers: int, nap_depth: int) -> list:
-    """[{depth, refiners, run, flags}]: depth 1..layers, with and without refiners (depth 1 has none: they sit at 2..J)."""
+    """[{depth, refiners, run}]: NAP at depth 1..layers with NAP's recipe, with and without refiners (depth 1 has
+    none: they sit at layers 2..J); at NAP's own depth the comparison's nap@nap and nap-norefine@nap."""
     rows = []
     for depth in range(1, layers + 1):
         for refiners in ([False] if depth == 1 else [False, True]):
-            name, flags = ablation_run(depth, refiners, nap_depth)
-            rows.append({"depth": depth, "refiners": refiners, "run": name, "flags": flags})
+            if depth == nap_depth:
+                name = "nap@nap" if refiners else "nap-norefine@nap"
+            else:
+                name = f"nap-depth{depth}" + ("" if refiners else "-norefine") + "@nap"
+            rows.append({"depth": depth, "refiners": refiners, "run": name})
     return rows
 
 
-def transfer_rows(nap_depth: int, n_ctx: int) -> list:
-    """[{variant, run, flags}] of the transfer investigation; every trained variant uses NAP's recipe."""
-    d, n = str(nap_depth), str(n_ctx)
-    rows = [("zero-shot CLIP", "zeroshot", None),
-            (f"NAP: text + visual prompts at layers 1-{d}, refiners on both towers", "nap", run_flags("nap")),
-            ("no refiners (advmaple's model)", "advmaple@nap", CONTROLS["advmaple@nap"]),
-            ("refiners on the image tower only", "nap-refine-vision", ["--method", "nap", "--refine", "vision"]),
-            ("refiners on the text tower only", "nap-refine-text", ["--method", "nap", "--refine", "text"]),
-            (f"text prompts only (layers 1-{d}, no refiners)", "nap-text-only",
-             ["--method", "advpt", "--recipe", "nap", "--depth", d, "--n-ctx", n]),
-            (f"visual prompts only (layers 1-{d}, no refiners)", "nap-vision-only",
-             ["--method", "advvpt", "--recipe", "nap", "--depth", d, "--n-ctx", n])]
-    for depth in range(nap_depth - 1, 0, -1):
-        name, flags = ablation_run(depth, True, nap_depth)
-        rows.append((f"depth {depth}" + (", refiners at layer 2" if depth == 2 else " (no refiners)" if depth == 1
-                                          else f", refiners at layers 2-{depth}"), name, flags))
-    return [{"variant": v, "run": r, "flags": f} for v, r, f in rows]
+def transfer_rows() -> list:
+    """[{variant, run}] of the transfer investigation."""
+    rows = [("zero-shot CLIP", "zeroshot")]
+    for family, recipe in (("nap", "NAP's recipe"), ("baselines", "the baselines' recipe")):
+        rows += [(f"NAP: refiners on the image tower ([D]), {recipe}", f"nap@{family}"),
+                 (f"no refiners, {recipe}", f"nap-norefine@{family}"),
+                 (f"refiners on both towers (text: SOS), {recipe}", f"nap-both@{family}"),
+                 (f"refiners on the text tower only (SOS), {recipe}", f"nap-text@{family}"),
+                 (f"AdvMaPLe as its source configures it, {recipe}", f"advmaple@{family}")]
+    rows.insert(3, ("refiners start as the identity (--refiner-init zero), NAP's recipe", "nap-zeroinit@nap"))
+    return [{"variant": v, "run": r} for v, r in rows]
 
 
-def nap_config(out: str) -> dict:
-    """The comparison's NAP run's config (its depth and context length set the ablation's and transfer's runs)."""
-    return nap.load_checkpoint(os.path.join(out, "nap", "checkpoint.pt"))["config"]
+def nap_depth(out: str, seed: int) -> int:
+    """The depth J of the comparison's nap@nap run (its preset's depth scaled to the backbone)."""
+    return nap.load_checkpoint(os.path.join(run_folder(out, "nap@nap", seed), "checkpoint.pt"))["config"]["depth"]
 
 
-# ---------------------------------------------------------------------- results, tables
+# ---------------------------------------------------------------------- results
 
-def params(out: str, name: str):
+def params(out: str, run_name: str, seed) -> int:
     """Trained parameters of a run: the sizes of its checkpoint's trainable tensors (0 for zero-shot CLIP)."""
-    if name == "zeroshot":
+    if run_name == "zeroshot":
         return 0
-    path = os.path.join(out, name, "checkpoint.pt")
+    path = os.path.join(run_folder(out, run_name, seed), "checkpoint.pt")
     if not os.path.isfile(path):
         return None
     return sum(t.numel() for t in nap.load_checkpoint(path)["trainable"].values())
 
 
-def read_run(out: str, name: str, eps_list: list, args) -> dict:
-    """{params, pgd: {eps: {task: {clean, robust, n_samples, steps}}}, autoattack: {...}} from evaluate.py's JSONs."""
-    keep = ("clean", "robust", "n_samples", "steps")
-    run = {"params": params(out, name)}
+KEEP = ("clean", "robust", "n_samples", "steps", "images")  # images: which were right, for the paired tests
+
+
+def read_seed(out: str, run_name: str, seed, eps_list: list, args) -> dict:
+    """{pgd: {eps: {task: {clean, robust, n_samples, steps, images, contents}}}, autoattack: {...}} of one run and seed."""
+    found = {}
     for attack, n in (("pgd", args.samples), ("autoattack", args.aa_samples)):
-        run[attack] = {}
+        found[attack] = {}
         for eps in eps_list if n else []:
-            found = runtime.read_json(eval_path(out, name, attack, eps, n, shlex.split(args.eval_args)), {}) or {}
-            if found:
-                run[attack][eps] = {t: {k: r.get(k) for k in keep} for t, r in found.items()}
-    return run
+            res = runtime.read_json(eval_path(out, run_name, seed, attack, eps, n, shlex.split(args.eval_args)), {})
+            if res:
+                found[attack][eps] = {t: {**{k: r[k] for k in KEEP if k in r},
+                                          "contents": {"data": (r.get("contents") or {}).get("data")}}
+                                      for t, r in res.items()}
+    return found
+
+
+def summarise(per_seed: dict) -> dict:
+    """Seed results -> {attack: {eps: {task: {clean, robust (means), clean_std, robust_std, n_seeds, n_samples}}}}."""
+    out = {}
+    for seed_result in per_seed.values():
+        for attack, by_eps in seed_result.items():
+            for eps, by_task in by_eps.items():
+                for task, r in by_task.items():
+                    slot = out.setdefault(attack, {}).setdefault(eps, {}).setdefault(task, {"values": []})
+                    slot["values"].append(r)
+    for by_eps in out.values():
+        for by_task in by_eps.values():
+            for task, slot in by_task.items():
+                values = slot.pop("values")
+                for key in ("clean", "robust"):
+                    found = [v[key] for v in values if v.get(key) is not None]
+                    mean, std = stats.mean_std(found) if found else (None, None)
+                    slot[key], slot[f"{key}_std"] = mean, std
+                slot["n_seeds"], slot["n_samples"] = len(values), values[0].get("n_samples")
+    return out
 
 
 def collect(out: str, args, parts: dict) -> dict:
     """Everything the tables and figures show, from the evaluation JSONs and checkpoints: results.json's contents."""
     names = list(dict.fromkeys(parts["comparison"] + [r["run"] for r in parts["ablation"] + parts["transfer"]]))
     eps_list = list(dict.fromkeys(args.eval_eps + [e for e in args.sweep_eps if runtime.eps_arg(e) > 0]))
-    runs = {name: read_run(out, name, eps_list, args) for name in names}
+    runs = {}
+    for name in names:
+        per_seed = {str(s): read_seed(out, name, s, eps_list, args) for s in seeds_of(name, args.seed_list)}
+        first = seeds_of(name, args.seed_list)[0]
+        runs[name] = {"params": params(out, name, first), **summarise(per_seed), "seeds": per_seed}
     sweep = {}
-    for name in parts["comparison"]:
-        pgd = runs[name]["pgd"]
-        clean = pgd.get(args.eval_eps[0], {}).get(TASK, {}).get("clean")
-        sweep[name] = {e: clean if runtime.eps_arg(e) == 0 else pgd.get(e, {}).get(TASK, {}).get("robust")
-                       for e in args.sweep_eps}
-    steps = next((r["steps"] for run in runs.values() for by_task in run["pgd"].values() for r in by_task.values()), 100)
-    return {"arch": args.arch, "training_task": TASK, "tasks": TASKS, "eval_eps": args.eval_eps,
-            "sweep_eps": args.sweep_eps, "samples": args.samples, "aa_samples": args.aa_samples, "steps": steps,
-            "comparison": parts["comparison"], "controls": [n for n in parts["comparison"] if n in CONTROLS],
-            "runs": runs, "sweep": sweep,
-            "ablation": [{k: r[k] for k in ("depth", "refiners", "run")} for r in parts["ablation"]],
-            "transfer": [{k: r[k] for k in ("variant", "run")} for r in parts["transfer"]]}
+    for m in parts["methods"]:
+        name = own_run(m)
+        if name in runs:
+            pgd = runs[name].get("pgd", {})
+            clean = pgd.get(args.eval_eps[0], {}).get(TASK, {}).get("clean")
+            sweep[name] = {e: clean if runtime.eps_arg(e) == 0 else pgd.get(e, {}).get(TASK, {}).get("robust")
+                           for e in args.sweep_eps}
+    results = {"arch": args.arch, "training_task": TASK, "tasks": TASKS, "eval_eps": args.eval_eps,
+               "sweep_eps": args.sweep_eps, "samples": args.samples, "aa_samples": args.aa_samples, "steps": 100,
+               "seeds": args.seed_list, "comparison": parts["comparison"],
+               "own": {m: own_run(m) for m in parts["methods"]}, "runs": runs, "sweep": sweep,
+               "ablation": parts["ablation"], "transfer": parts["transfer"]}
+    results["paired"] = paired_tests(results)
+    return results
 
+
+def paired_pairs(results: dict) -> list:
+    """(a, b, what) pairs the text compares: refiners, NAP vs AdvMaPLe and recipes, each at the same recipe."""
+    runs, pairs = results["runs"], []
+    for f in FAMILIES:
+        pairs += [(f"nap@{f}", f"nap-norefine@{f}", f"TokenRefiners, {f} recipe"),
+                  (f"nap@{f}", f"advmaple@{f}", f"NAP vs AdvMaPLe as its source configures it, {f} recipe")]
+    pairs += [("nap@nap", "nap@baselines", "recipe, NAP's model"), ("advmaple@nap", "advmaple@baselines",
+                                                                     "recipe, AdvMaPLe's model")]
+    pairs += [("nap@nap", other, "NAP (own recipe) vs another method (own recipe)")
+              for other in ("advpt@baselines", "advvpt@baselines", "advvlp@baselines", "advmaple@baselines",
+                            "tecoa", "fare", "zeroshot")]
+    return [(a, b, what) for a, b, what in pairs if a in runs and b in runs]
+
+
+def paired_tests(results: dict) -> list:
+    """Exact McNemar tests per seed, on the training task at the first eval eps, for clean, PGD and AutoAttack."""
+    eps, rows = results["eval_eps"][0], []
+    for a, b, what in paired_pairs(results):
+        for attack, key in (("pgd", "clean"), ("pgd", "robust"), ("autoattack", "robust")):
+            tests = []
+            for seed_a, seed_b in zip(results["runs"][a]["seeds"].values(), _cycle(results["runs"][b]["seeds"])):
+                ra = seed_a.get(attack, {}).get(eps, {}).get(TASK)
+                rb = seed_b.get(attack, {}).get(eps, {}).get(TASK)
+                if ra and rb and ra.get("images") and rb.get("images"):
+                    tests.append(stats.paired(ra, rb, key))
+            if tests:
+                rows.append({"a": a, "b": b, "what": what, "attack": attack, "key": key, "tests": tests})
+    return rows
+
+
+def _cycle(per_seed: dict) -> list:
+    """A run's seed results, repeated to pair with every seed of another (zero-shot CLIP has one)."""
+    values = list(per_seed.values())
+    return values * 100 if len(values) == 1 else values
+
+
+# ---------------------------------------------------------------------- tables
 
 def num(v) -> str:
     """A percentage as a table cell: one decimal, '-' when missing."""
     return "-" if v is None else f"{v:.1f}"
 
 
-def pair(results: dict, run: str, attack: str, eps: str, task: str) -> str:
-    """'clean / robust' of one run, attack, eps and task ('- / -' where not evaluated)."""
-    r = results["runs"][run].get(attack, {}).get(eps, {}).get(task, {})
-    return f"{num(r.get('clean'))} / {num(r.get('robust'))}"
+def acc(results: dict, run_name: str, attack: str, eps: str, task: str, key: str, interval: bool = True) -> str:
+    """One accuracy: 'mean +- std' over seeds, or with one seed the value and its 95% Wilson interval."""
+    r = results["runs"][run_name].get(attack, {}).get(eps, {}).get(task, {})
+    if r.get(key) is None:
+        return "-"
+    if r["n_seeds"] > 1:
+        return f"{r[key]:.1f} ± {r[f'{key}_std']:.1f}"
+    if not interval:
+        return num(r[key])
+    low, high = stats.wilson(round(r[key] * r["n_samples"] / 100), r["n_samples"])
+    return f"{r[key]:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
 
 
-def mean_pair(results: dict, run: str, eps: str, tasks: list) -> str:
-    """'clean / robust' PGD averages over tasks ('-' unless every task was evaluated)."""
-    by_task = results["runs"][run]["pgd"].get(eps, {})
-    means = [sum(by_task[t][k] for t in tasks) / len(tasks) if all(by_task.get(t, {}).get(k) is not None for t in tasks)
-             else None for k in ("clean", "robust")]
-    return " / ".join(num(m) for m in means)
+def mean_over(results: dict, run_name: str, eps: str, tasks: list, key: str) -> str:
+    """A key's PGD accuracy averaged over tasks (seed means), '-' unless every task was evaluated."""
+    by_task = results["runs"][run_name].get("pgd", {}).get(eps, {})
+    values = [by_task.get(t, {}).get(key) for t in tasks]
+    return "-" if None in values else num(sum(values) / len(values))
 
 
 def count(n) -> str:
@@ -352,67 +464,103 @@ def count(n) -> str:
     return "-" if n is None else f"{n:,}"
 
 
+def describe(run_name: str) -> tuple:
+    """(model, recipe) of a run for the tables."""
+    if "@" not in run_name:
+        return run_name, {"zeroshot": "-"}.get(run_name, f"{run_name} (own)")
+    variant, _, family = run_name.partition("@")
+    own = variant in PROMPT_METHODS and recipes.METHOD_RECIPE[variant] == family
+    return variant, family + (" (own)" if own else "")
+
+
 def comparison_table(results: dict, eps: str) -> str:
-    """Markdown at one eps: per run its trained parameters, clean / PGD per task, clean / AutoAttack on the
-    training task, and the averages."""
+    """Markdown at one eps: the controlled comparison on the training task, and the transfer average."""
+    n_seeds, tasks = len(results["seeds"]), results["tasks"]
+    spread = f"mean ± std over {n_seeds} seeds" if n_seeds > 1 else "one seed; [95% Wilson interval]"
+    header = ["model", "recipe", "trained parameters", f"{TASK} clean", f"{TASK} PGD-{results['steps']}",
+              f"{TASK} AutoAttack", "transfer tasks: clean / PGD (average)"]
+    lines = [f"Controlled comparison at eps {eps}: every prompt method with each recipe family, trained on {TASK}; "
+             f"accuracy (%) on the same {results['samples']} images for PGD and AutoAttack ({spread}):", "",
+             "| " + " | ".join(header) + " |", "|---|---|" + "---:|" * (len(header) - 2)]
+    for r in results["comparison"]:
+        model, recipe = describe(r)
+        cells = [count(results["runs"][r]["params"]), acc(results, r, "pgd", eps, TASK, "clean"),
+                 acc(results, r, "pgd", eps, TASK, "robust"), acc(results, r, "autoattack", eps, TASK, "robust"),
+                 f"{mean_over(results, r, eps, tasks[1:], 'clean')} / {mean_over(results, r, eps, tasks[1:], 'robust')}"]
+        lines.append(f"| {model} | {recipe} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def task_table(results: dict, eps: str, runs: list, title: str) -> str:
+    """Markdown: clean / PGD per task (seed means) for each run."""
     tasks = results["tasks"]
-    header = ["run", "trained parameters", f"{TASK} clean / PGD", f"{TASK} clean / AutoAttack",
-              *[f"{t} clean / PGD" for t in tasks[1:]], "average clean / PGD"]
-    lines = [f"Comparison at eps {eps}: PGD-{results['steps']} on {results['samples']} images of every task, AutoAttack "
-             f"on {results['aa_samples']} images of {TASK} (accuracy, %; runs named method@recipe are the controls):", "",
-             "| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
-    for run in results["comparison"]:
-        cells = [count(results["runs"][run]["params"]), pair(results, run, "pgd", eps, TASK),
-                 pair(results, run, "autoattack", eps, TASK), *[pair(results, run, "pgd", eps, t) for t in tasks[1:]],
-                 mean_pair(results, run, eps, tasks)]
-        lines.append(f"| {run} | " + " | ".join(cells) + " |")
+    header = ["run", "trained parameters", *[f"{t} clean / PGD" for t in tasks], "transfer average clean / PGD"]
+    lines = [title, "", "| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    for r in runs:
+        cells = [count(results["runs"][r]["params"]),
+                 *[f"{acc(results, r, 'pgd', eps, t, 'clean', False)} / {acc(results, r, 'pgd', eps, t, 'robust', False)}"
+                   for t in tasks],
+                 f"{mean_over(results, r, eps, tasks[1:], 'clean')} / {mean_over(results, r, eps, tasks[1:], 'robust')}"]
+        lines.append(f"| {r} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def paired_table(results: dict) -> str:
+    """Markdown: each paired comparison's difference (a - b, points) and exact McNemar p-value, per seed."""
+    lines = [f"Paired comparisons on the same {results['samples']} images of {TASK} at eps {results['eval_eps'][0]} "
+             f"(exact McNemar test per seed; a difference counts as beyond noise when p < 0.05 in every seed, "
+             f"with the same sign; otherwise the two are level):", "",
+             "| comparison | a | b | accuracy | a - b (points), per seed | p, per seed | verdict |", "|---|---|---|---|---|---|---|"]
+    for row in results["paired"]:
+        diffs, ps = [t["difference"] for t in row["tests"]], [t["p_value"] for t in row["tests"]]
+        beyond = all(t["p_value"] < 0.05 for t in row["tests"]) and (all(d > 0 for d in diffs) or all(d < 0 for d in diffs))
+        verdict = ("a higher" if diffs[0] > 0 else "b higher") if beyond else "level"
+        what = "clean" if row["key"] == "clean" else {"pgd": "PGD", "autoattack": "AutoAttack"}[row["attack"]]
+        lines.append(f"| {row['what']} | {row['a']} | {row['b']} | {what} | "
+                     f"{', '.join(f'{d:+.1f}' for d in diffs)} | {', '.join(f'{p:.3g}' for p in ps)} | {verdict} |")
     return "\n".join(lines)
 
 
 def sweep_table(results: dict) -> str:
-    """Markdown: PGD robust accuracy on the training task at every sweep eps (eps 0: clean accuracy)."""
+    """Markdown: PGD robust accuracy on the training task at every sweep eps (eps 0: clean accuracy), seed means."""
     eps = results["sweep_eps"]
-    lines = [f"Robust accuracy (%) vs eps: PGD-{results['steps']} on {results['samples']} images of {TASK} "
-             f"(eps 0 is the clean accuracy of the same images):", "",
+    lines = [f"Robust accuracy (%) vs eps: PGD-{results['steps']} on {results['samples']} images of {TASK}, each method "
+             f"with its own recipe (eps 0 is the clean accuracy of the same images):", "",
              "| run | " + " | ".join(f"eps {e}" for e in eps) + " |", "|---|" + "---:|" * len(eps)]
-    for run, points in results["sweep"].items():
-        lines.append(f"| {run} | " + " | ".join(num(points.get(e)) for e in eps) + " |")
+    for run_name, points in results["sweep"].items():
+        lines.append(f"| {run_name} | " + " | ".join(num(points.get(e)) for e in eps) + " |")
     return "\n".join(lines)
 
 
 def ablation_table(results: dict) -> str:
     """Markdown: NAP by prompt depth, with and without TokenRefiners, clean / PGD on the training task at each eval eps."""
     eps = results["eval_eps"]
-    lines = [f"NAP on {TASK} by prompt depth J, with and without TokenRefiners (clean / PGD-{results['steps']} "
+    lines = [f"NAP on {TASK} by prompt depth J, with and without TokenRefiners, NAP's recipe (clean / PGD-{results['steps']} "
              f"accuracy, %, {results['samples']} images):", "",
              "| depth J | refiners | run | " + " | ".join(f"eps {e} clean / PGD" for e in eps) + " |",
              "|---|---|---|" + "---:|" * len(eps)]
     for r in results["ablation"]:
-        lines.append(f"| {r['depth']} | {'yes' if r['refiners'] else 'no'} | {r['run']} | " +
-                     " | ".join(pair(results, r["run"], "pgd", e, TASK) for e in eps) + " |")
-    return "\n".join(lines)
-
-
-def transfer_table(results: dict) -> str:
-    """Markdown: each NAP variant's clean / PGD accuracy on every task at the first eval eps, and the transfer average."""
-    eps, tasks = results["eval_eps"][0], results["tasks"]
-    header = ["variant", "run", "trained parameters", *[f"{t} clean / PGD" for t in tasks], "transfer average clean / PGD"]
-    lines = [f"Transfer investigation: NAP's parts, each trained on {TASK} with NAP's recipe, scored zero-shot on every "
-             f"task (clean / PGD-{results['steps']} accuracy at eps {eps}, %, {results['samples']} images per task):", "",
-             "| " + " | ".join(header) + " |", "|---|---|" + "---:|" * (len(header) - 2)]
-    for r in results["transfer"]:
-        cells = [count(results["runs"][r["run"]]["params"]), *[pair(results, r["run"], "pgd", eps, t) for t in tasks],
-                 mean_pair(results, r["run"], eps, tasks[1:])]
-        lines.append(f"| {r['variant']} | {r['run']} | " + " | ".join(cells) + " |")
+        cells = [f"{acc(results, r['run'], 'pgd', e, TASK, 'clean')} / {acc(results, r['run'], 'pgd', e, TASK, 'robust')}"
+                 for e in eps]
+        lines.append(f"| {r['depth']} | {'yes' if r['refiners'] else 'no'} | {r['run']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def report(results: dict) -> str:
     """TABLE.md: every table of the parts that ran."""
     parts = [comparison_table(results, e) for e in results["eval_eps"]] if results["comparison"] else []
+    if results["comparison"]:
+        e = results["eval_eps"][0]
+        parts.append(task_table(results, e, results["comparison"], f"Every task at eps {e} (clean / PGD, %, seed means):"))
+    parts += [paired_table(results)] if results["paired"] else []
     parts += [sweep_table(results)] if results["sweep"] else []
     parts += [ablation_table(results)] if results["ablation"] else []
-    parts += [transfer_table(results)] if results["transfer"] else []
+    if results["transfer"]:
+        e = results["eval_eps"][0]
+        runs = [r["run"] for r in results["transfer"]]
+        names = "; ".join(f"{r['run']}: {r['variant']}" for r in results["transfer"])
+        parts.append(task_table(results, e, runs, f"Transfer investigation at eps {e}, trained on {TASK}, scored zero-shot "
+                                                  f"on every task (clean / PGD, %, seed means). {names}."))
     return "\n\n".join(parts)
 
 
@@ -423,14 +571,17 @@ def parse_args(argv=None):
     p.add_argument("--out", default="runs/replication", help="runs, results, TABLE.md and the figures")
     p.add_argument("--arch", default="toy", help="the backbone (toy, or a weights file)")
     p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS, help="the comparison's methods")
-    p.add_argument("--controls", action="store_true", help="also advmaple with NAP's recipe and nap with the baselines'")
+    p.add_argument("--recipes", nargs="+", default=FAMILIES, choices=FAMILIES,
+                   help="the recipe families every prompt method trains with")
+    p.add_argument("--seeds", type=int, default=1, help="train every run with seeds 1..N")
     p.add_argument("--ablation", type=int, default=0, metavar="LAYERS",
                    help="also NAP at depth 1..LAYERS with and without refiners (4 for the toy)")
     p.add_argument("--transfer", action="store_true", help="also the transfer investigation (NAP's parts, one at a time)")
     p.add_argument("--eval-eps", nargs="+", default=["1/255", "4/255"], help="evaluation radii; the first is the main one")
     p.add_argument("--sweep-eps", nargs="+", default=SWEEP, help="radii of the eps sweep on the training task")
     p.add_argument("--samples", type=int, default=200, help="PGD on a seeded subset of this size per task")
-    p.add_argument("--aa-samples", type=int, default=50, help="AutoAttack on a seeded subset of the training task (0: none)")
+    p.add_argument("--aa-samples", type=int, default=None,
+                   help="AutoAttack on a seeded subset of the training task (default: --samples, the same images; 0: none)")
     p.add_argument("--jobs", type=int, default=2, help="trainings / evaluations at once, each with cores/jobs threads")
     p.add_argument("--train-args", default="", help="extra train.py flags for every training, e.g. \"--epochs 50\" "
                                                     "(after each run's own flags, so they win)")
@@ -444,9 +595,11 @@ def parse_args(argv=None):
                 p.error(f"--{flag.replace('_', '-')}: {e}")
     # a sweep radius equal to an evaluation radius reads that evaluation: spell it the same way
     args.sweep_eps = [next((e for e in args.eval_eps if same_eps(e, s)), s) for s in args.sweep_eps]
-    for flag, low in (("samples", 1), ("aa_samples", 0), ("jobs", 1), ("ablation", 0)):
+    args.aa_samples = args.samples if args.aa_samples is None else args.aa_samples
+    for flag, low in (("samples", 1), ("aa_samples", 0), ("jobs", 1), ("ablation", 0), ("seeds", 1)):
         if getattr(args, flag) < low:
             p.error(f"--{flag.replace('_', '-')} must be >= {low}")
+    args.seed_list = list(range(1, args.seeds + 1))
     return args
 
 
@@ -455,26 +608,26 @@ def main(argv=None):
     start = time.time()
     out, arch = args.out, args.arch
     train_extra, eval_extra = shlex.split(args.train_args), shlex.split(args.eval_args)
-    runner = Runner(out, arch, args.jobs)
-    names = list(args.methods) + (list(CONTROLS) if args.controls else [])
+    build_toy_first(arch)
+    runner = Runner(out, args.jobs, args.seed_list)
+    comparison = comparison_runs(args.methods, args.recipes)
     plan = {}
-    comparison_plan(plan, names, args.eval_eps, args.sweep_eps, args.samples, args.aa_samples)
-    if (args.ablation or args.transfer) and "nap" not in plan:
-        plan["nap"] = (run_flags("nap"), {})  # the later parts take NAP's depth from its checkpoint
-    run_plan(plan, out, arch, train_extra, eval_extra, runner)
+    comparison_plan(plan, comparison, args.methods, args)
+    if (args.ablation or args.transfer) and "nap@nap" not in plan:
+        plan["nap@nap"] = {}  # the later parts take NAP's depth from its checkpoint
+    execute(plan, out, arch, train_extra, eval_extra, runner)
 
-    parts = {"comparison": names, "ablation": [], "transfer": []}
+    parts = {"methods": args.methods, "comparison": comparison, "ablation": [], "transfer": []}
     if args.ablation or args.transfer:
-        cfg = nap_config(out)
-        parts["ablation"] = ablation_rows(args.ablation, cfg["depth"]) if args.ablation else []
-        parts["transfer"] = transfer_rows(cfg["depth"], cfg["text_ctx"]) if args.transfer else []
+        parts["ablation"] = ablation_rows(args.ablation, nap_depth(out, args.seed_list[0])) if args.ablation else []
+        parts["transfer"] = transfer_rows() if args.transfer else []
         plan = {}
         for r in parts["ablation"]:
             for eps in args.eval_eps:
-                add(plan, r["run"], r["flags"], "pgd", eps, [TASK], args.samples)
+                add(plan, r["run"], "pgd", eps, [TASK], args.samples)
         for r in parts["transfer"]:
-            add(plan, r["run"], r["flags"], "pgd", args.eval_eps[0], TASKS, args.samples)
-        run_plan(plan, out, arch, train_extra, eval_extra, runner)
+            add(plan, r["run"], "pgd", args.eval_eps[0], TASKS, args.samples)
+        execute(plan, out, arch, train_extra, eval_extra, runner)
 
     results = collect(out, args, parts)
     results["wall_time_s"] = round(time.time() - start)
@@ -489,7 +642,8 @@ def main(argv=None):
     with open(os.path.join(out, "TABLE.md"), "w") as f:
         f.write(text + "\n")
     print(text)
-    print(f"wall time {results['wall_time_s']} s")
+    print(f"\nwritten: {os.path.join(out, 'TABLE.md')}, {os.path.join(out, 'results.json')}" +
+          "".join(f", {p}" for p in pngs) + f"; runs in {out}/RUN/seedS, evaluations in {out}/eval, logs in {out}/logs")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 changed command retrains, controls and fine-tuned encoders join the tables; the runs of the ablation and the
 transfer investigation build the intended models; figures.py draws from fake results, one colour per method."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -25,14 +26,14 @@ EVAL = "--steps 2 --queries 5 --device cpu"
 def replicate_cli(weights, out, *args, train_args=TRAIN):
     """python replicate.py on the tiny CLIP, 4/255, 6 PGD / 3 AutoAttack images, one thread per subprocess."""
     return subprocess.run([sys.executable, os.path.join(ROOT, "replicate.py"), "--arch", weights, "--out", str(out),
-                           "--eval-eps", "4/255", "--samples", "6", "--aa-samples", "3", "--train-args", train_args,
-                           "--eval-args", EVAL, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                           "--eval-eps", "4/255", "--samples", "6", "--train-args", train_args,
+                           "--eval-args", EVAL, *args], cwd=ROOT, capture_output=True, text=True, timeout=1800,
                           env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"})
 
 
-def results_of(out, name: str, attack: str, n: int) -> dict:
-    """evaluate.py's results of a run at 4/255 as replicate.py stores them."""
-    return json.loads(open(replicate.eval_path(str(out), name, attack, "4/255", n, EVAL.split())).read())
+def results_of(out, name: str, seed, attack: str, n: int, eps="4/255") -> dict:
+    """evaluate.py's results of one run and seed as replicate.py stores them."""
+    return json.loads(open(replicate.eval_path(str(out), name, seed, attack, eps, n, EVAL.split())).read())
 
 
 def section(table: str, title: str) -> list:
@@ -41,12 +42,15 @@ def section(table: str, title: str) -> list:
     return [[c.strip() for c in line.split("|")[1:-1]] for line in lines]
 
 
-def row(rows: list, name: str) -> list:
-    return next(r for r in rows if r[0] == name)
+def row(rows: list, *names) -> list:
+    return next(r for r in rows if r[:len(names)] == list(names))
 
 
-def pair(result: dict) -> str:
-    return f"{result['clean']:.1f} / {result['robust']:.1f}"
+def wilson_cell(percent: float, n: int) -> str:
+    """'50.0 [25.4, 74.6]': the accuracy and its 95% Wilson interval, computed here from the textbook formula."""
+    p, z = percent / 100, 1.959963984540054
+    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return f"{percent:.1f} [{100 * (centre - half):.1f}, {100 * (centre + half):.1f}]"
 
 
 def trained_parameters(path) -> int:
@@ -55,98 +59,114 @@ def trained_parameters(path) -> int:
 
 def test_tables_equal_the_results_and_reruns_reuse_until_the_command_changes(tiny_weights, tmp_path):
     out = tmp_path / "rep"
-    r = replicate_cli(tiny_weights, out, "--methods", "nap", "--sweep-eps", "0", "2/255", "4/255", "--jobs", "1")
+    r = replicate_cli(tiny_weights, out, "--methods", "nap", "--recipes", "nap", "--sweep-eps", "0", "2/255", "4/255",
+                      "--ablation", "2", "--jobs", "1")
     assert r.returncode == 0, r.stderr
     table = (out / "TABLE.md").read_text()
-    pgd, aa = results_of(out, "nap", "pgd", 6), results_of(out, "nap", "autoattack", 3)
-    sweep = json.loads(open(replicate.eval_path(str(out), "nap", "pgd", "2/255", 6, EVAL.split())).read())
+    pgd, aa = results_of(out, "nap@nap", 1, "pgd", 6), results_of(out, "nap@nap", 1, "autoattack", 6)
+    sweep = results_of(out, "nap@nap", 1, "pgd", 6, eps="2/255")
     assert set(pgd) == set(synthetic.TASKS) and set(aa) == set(sweep) == {"synthetic"}
     assert all(v["n_samples"] == 6 and v["eps"] == 4 / 255 and v["steps"] == 2 for v in pgd.values())
-    assert aa["synthetic"]["n_samples"] == 3 and sweep["synthetic"]["eps"] == 2 / 255
+    assert aa["synthetic"]["n_samples"] == 6 and sweep["synthetic"]["eps"] == 2 / 255
+    assert aa["synthetic"]["images"]["evaluated"] == pgd["synthetic"]["images"]["evaluated"]  # the same images
 
-    rows = section(table, "Comparison at eps 4/255")
-    assert [r[0] for r in rows] == ["nap"]  # only the runs asked for
-    params = trained_parameters(out / "nap" / "checkpoint.pt")
-    assert params > 0
-    means = [sum(v[k] for v in pgd.values()) / len(pgd) for k in ("clean", "robust")]
-    assert row(rows, "nap") == ["nap", f"{params:,}", pair(pgd["synthetic"]), pair(aa["synthetic"]),
-                                *[pair(pgd[t]) for t in list(synthetic.TASKS)[1:]], f"{means[0]:.1f} / {means[1]:.1f}"]
-    sweep_row = row(section(table, "Robust accuracy (%) vs eps"), "nap")
-    assert sweep_row[1:] == [f"{pgd['synthetic']['clean']:.1f}", f"{sweep['synthetic']['robust']:.1f}",
-                             f"{pgd['synthetic']['robust']:.1f}"]  # eps 0 is the clean accuracy of the same images
+    rows = section(table, "Controlled comparison at eps 4/255")
+    assert [r[:2] for r in rows] == [["nap", "nap (own)"], ["nap-norefine", "nap"]]  # only the runs asked for
+    params = trained_parameters(out / "nap@nap" / "seed1" / "checkpoint.pt")
+    assert params > 0 and row(rows, "nap")[2] == f"{params:,}"
+    s = pgd["synthetic"]
+    transfer = [pgd[t] for t in list(synthetic.TASKS)[1:]]
+    means = [sum(v[k] for v in transfer) / len(transfer) for k in ("clean", "robust")]
+    assert row(rows, "nap")[3:] == [wilson_cell(s["clean"], 6), wilson_cell(s["robust"], 6),
+                                    wilson_cell(aa["synthetic"]["robust"], 6), f"{means[0]:.1f} / {means[1]:.1f}"]
+    sweep_row = row(section(table, "Robust accuracy (%) vs eps"), "nap@nap")
+    assert sweep_row[1:] == [f"{s['clean']:.1f}", f"{sweep['synthetic']['robust']:.1f}", f"{s['robust']:.1f}"]
+    paired = row(section(table, "Paired comparisons"), "TokenRefiners, nap recipe", "nap@nap", "nap-norefine@nap", "PGD")
+    other = results_of(out, "nap-norefine@nap", 1, "pgd", 6)["synthetic"]
+    assert paired[4] == f"{s['robust'] - other['robust']:+.1f}"
     results = json.loads((out / "results.json").read_text())
-    assert results["runs"]["nap"]["params"] == params and results["sweep"]["nap"]["2/255"] == sweep["synthetic"]["robust"]
-    assert "Wall time:" in table and results["wall_time_s"] >= 0
+    assert results["runs"]["nap@nap"]["params"] == params
+    assert results["sweep"]["nap@nap"]["2/255"] == sweep["synthetic"]["robust"]
+    assert "Wall time:" in table and results["wall_time_s"] >= 0 and "[2/2]" in r.stdout  # progress: job k of n
+    assert f"written: {out / 'TABLE.md'}" in r.stdout
     assert (out / "eps-sweep.png").stat().st_size > 10_000 and not (out / "frozen-vs-finetuned.png").exists()
+    abl = section(table, "NAP on synthetic by prompt depth J")
+    assert [r[:3] for r in abl] == [["1", "no", "nap-depth1-norefine@nap"], ["2", "no", "nap-norefine@nap"],
+                                    ["2", "yes", "nap@nap"]]
+    assert nap.load_checkpoint(str(out / "nap-depth1-norefine@nap" / "seed1" / "checkpoint.pt"))["config"]["depth"] == 1
 
-    evals = {p: p.stat().st_mtime_ns for p in (out / "eval").glob("nap-*.json")}
-    r = replicate_cli(tiny_weights, out, "--methods", "nap", "--sweep-eps", "4/255", "--aa-samples", "0", "--jobs", "1")
+    evals = {p: p.stat().st_mtime_ns for p in (out / "eval").glob("nap@nap-*.json")}
+    r = replicate_cli(tiny_weights, out, "--methods", "nap", "--recipes", "nap", "--sweep-eps", "4/255",
+                      "--aa-samples", "0", "--jobs", "1")
     assert r.returncode == 0, r.stderr
-    assert "$ python train.py" not in r.stdout and "nap: reusing the finished run" in r.stdout
-    assert "reusing the finished result" in r.stdout  # evaluate.py attacked nothing
-    assert {p: p.stat().st_mtime_ns for p in evals} == evals
-    again = row(section((out / "TABLE.md").read_text(), "Comparison at eps 4/255"), "nap")
-    assert again[:3] + again[4:] == row(rows, "nap")[:3] + row(rows, "nap")[4:] and again[3] == "- / -"  # no AA asked
+    assert "$ python train.py" not in r.stdout and "nap@nap seed 1: reusing the finished run" in r.stdout
+    assert "reusing the finished result" in (out / "logs" / "nap@nap-seed1-pgd-4_255.log").read_text()
+    assert {p: p.stat().st_mtime_ns for p in evals} == evals  # evaluate.py attacked nothing
+    again = row(section((out / "TABLE.md").read_text(), "Controlled comparison at eps 4/255"), "nap")
+    assert again[:5] == row(rows, "nap")[:5] and again[5] == "-"  # no AutoAttack asked
 
-    r = replicate_cli(tiny_weights, out, "--methods", "nap", "--sweep-eps", "4/255", "--aa-samples", "0", "--jobs", "1",
-                      train_args=TRAIN + " --epochs 2")
+    r = replicate_cli(tiny_weights, out, "--methods", "nap", "--recipes", "nap", "--sweep-eps", "4/255",
+                      "--aa-samples", "0", "--jobs", "1", train_args=TRAIN + " --epochs 2")
     assert r.returncode == 0, r.stderr
-    assert "nap: " in r.stdout and "holds another run" in r.stdout and "$ python train.py" in r.stdout
-    assert len(nap.load_checkpoint(str(out / "nap" / "checkpoint.pt"))["history"]) == 2
-    assert "recomputing" in r.stdout
-    assert json.loads((out / "nap" / "replicate.json").read_text())["key"]["command"][-2:] == ["--epochs", "2"]
+    assert "holds another run" in r.stdout and "$ python train.py" in r.stdout
+    assert len(nap.load_checkpoint(str(out / "nap@nap" / "seed1" / "checkpoint.pt"))["history"]) == 2
+    assert "recomputing" in (out / "logs" / "nap@nap-seed1-pgd-4_255.log").read_text()
 
 
-def test_controls_and_fine_tuned_encoders_join_the_tables_and_the_ablation_reuses_them(tiny_weights, tmp_path):
+def test_seeds_give_mean_and_std_and_every_recipe_family_is_trained(tiny_weights, tmp_path):
     out = tmp_path / "rep"
-    r = replicate_cli(tiny_weights, out, "--methods", "zeroshot", "fare", "--controls", "--ablation", "2",
+    r = replicate_cli(tiny_weights, out, "--methods", "zeroshot", "advmaple", "fare", "--seeds", "2",
                       "--aa-samples", "0", "--sweep-eps", "4/255", "--jobs", "2")
     assert r.returncode == 0, r.stderr
-    table = (out / "TABLE.md").read_text()
-    rows = section(table, "Comparison at eps 4/255")
-    assert [r[0] for r in rows] == ["zeroshot", "fare", "advmaple@nap", "nap@baselines"]
+    rows = section((out / "TABLE.md").read_text(), "Controlled comparison at eps 4/255")
+    assert [r[:2] for r in rows] == [["zeroshot", "-"], ["advmaple", "baselines (own)"], ["advmaple", "nap"],
+                                     ["fare", "fare (own)"]]
     visual = sum(p.numel() for p in CLIP(*TINY).visual.parameters())
-    assert row(rows, "zeroshot")[1] == "0" and row(rows, "fare")[1] == f"{visual:,}"  # FARE trains the image encoder
-    for name in ("advmaple@nap", "nap@baselines"):
-        assert row(rows, name)[1] == f"{trained_parameters(out / name / 'checkpoint.pt'):,}"
-        pgd = results_of(out, name, "pgd", 6)
-        assert row(rows, name)[2] == pair(pgd["synthetic"]) and row(rows, name)[3] == "- / -"  # no AutoAttack asked
-    recorded = lambda name: nap.load_checkpoint(str(out / name / "checkpoint.pt"))["args"]
-    assert (recorded("advmaple@nap")["recipe"], recorded("advmaple@nap")["loss"]) == ("nap", "curriculum")
-    assert (recorded("nap@baselines")["recipe"], recorded("nap@baselines")["loss"]) == ("baselines", "half")
-    assert (out / "logs" / "fare-train.log").exists() and "finished fare-train" in r.stdout  # --jobs 2 logs each job
-
-    abl = section(table, "NAP on synthetic by prompt depth J")
-    assert [r[:3] for r in abl] == [["1", "no", "nap-depth1"], ["2", "no", "advmaple@nap"], ["2", "yes", "nap"]]
-    assert nap.load_checkpoint(str(out / "nap-depth1" / "checkpoint.pt"))["config"]["depth"] == 1
-    nap_pgd = results_of(out, "nap", "pgd", 6)
-    assert abl[2][3] == pair(nap_pgd["synthetic"]) and r.stdout.count("--out " + str(out / "nap") + " ") == 1
-    assert r.stdout.count("--out " + replicate.eval_path(str(out), "advmaple@nap", "pgd", "4/255", 6, EVAL.split())) == 1
-    assert (out / "depth-refiners.png").exists() and (out / "frozen-vs-finetuned.png").exists()
+    assert row(rows, "zeroshot")[2] == "0" and row(rows, "fare")[2] == f"{visual:,}"  # FARE trains the image encoder
+    for name, family, loss in (("advmaple@baselines", "baselines", "half"), ("advmaple@nap", "nap", "curriculum")):
+        for seed in (1, 2):
+            recorded = nap.load_checkpoint(str(out / name / f"seed{seed}" / "checkpoint.pt"))["args"]
+            assert (recorded["recipe"], recorded["loss"], recorded["seed"]) == (family, loss, seed)
+        values = [results_of(out, name, seed, "pgd", 6)["synthetic"]["clean"] for seed in (1, 2)]
+        mean, std = sum(values) / 2, abs(values[0] - values[1]) / math.sqrt(2)  # sample std of two values
+        assert row(rows, "advmaple", family if family == "nap" else "baselines (own)")[3] == f"{mean:.1f} ± {std:.1f}"
+    zs = results_of(out, "zeroshot", None, "pgd", 6)["synthetic"]
+    assert row(rows, "zeroshot")[3] == wilson_cell(zs["clean"], 6)  # one result: its interval
+    assert (out / "logs" / "fare-seed2-train.log").exists() and "finished fare-seed2-train" in r.stdout
+    assert (out / "frozen-vs-finetuned.png").exists() is False  # nap was not asked for
 
 
-def test_ablation_and_transfer_runs_build_the_intended_models(tiny_weights):
-    """Each variant's train.py flags give the model it claims, with NAP's recipe; shared runs share one name."""
+def test_every_run_name_builds_the_model_and_recipe_it_claims(tiny_weights):
+    """Comparison, ablation and transfer runs: each name's train.py flags give the model and recipe it claims."""
     backbone = runtime.load_backbone(tiny_weights, torch.device("cpu"))
-    build = lambda flags: train.build_model(train.parse_args(["--arch", tiny_weights, *flags]), backbone, ["a", "b"])
-    rows = {r["run"]: r for r in replicate.transfer_rows(nap_depth=2, n_ctx=2)}
-    assert list(rows)[:2] == ["zeroshot", "nap"] and rows["zeroshot"]["flags"] is None
-    want = {"nap": (2, 2, 2, "both"), "advmaple@nap": (2, 2, 2, "none"), "nap-refine-vision": (2, 2, 2, "vision"),
-            "nap-refine-text": (2, 2, 2, "text"), "nap-text-only": (2, 0, 2, "none"), "nap-vision-only": (0, 2, 2, "none"),
-            "nap-depth1": (2, 2, 1, "none")}
-    assert set(rows) - {"zeroshot"} == set(want)
-    for name, (text_ctx, vision_ctx, depth, refine) in want.items():
-        flags = rows[name]["flags"]
-        assert train.parse_args(["--arch", tiny_weights, *flags]).loss == "curriculum", name  # NAP's recipe
-        cfg = build(flags).cfg
-        assert (cfg.text_ctx, cfg.vision_ctx, cfg.depth, cfg.refine) == (text_ctx, vision_ctx, depth, refine), name
+    parse = lambda name: train.parse_args(["--arch", tiny_weights, *replicate.run_flags(name)])
+    build = lambda name: train.build_model(parse(name), backbone, ["a", "b"]).cfg
+    runs = replicate.comparison_runs(replicate.METHODS, replicate.FAMILIES)
+    assert runs == ["zeroshot", *[f"{m}@{f}" for m in replicate.PROMPT_METHODS + ["nap-norefine"]
+                                  for f in ("baselines", "nap")], "tecoa", "fare"]
+    assert replicate.run_flags("zeroshot") is None
+    for name in runs[1:-2]:
+        model, family = name.split("@")
+        args = parse(name)
+        assert (args.recipe, args.loss) == (family, {"baselines": "half", "nap": "curriculum"}[family]), name
+        cfg = build(name)
+        assert cfg.method == model.replace("-norefine", "")
+        assert cfg.refine == ("vision" if model == "nap" else "none"), name
+    assert (parse("tecoa").loss, parse("fare").loss) == ("adv", "fare")
+    want = {"nap@nap": ("vision", "default", 2), "nap-norefine@nap": ("none", "default", 2),
+            "nap-zeroinit@nap": ("vision", "zero", 2), "nap-both@baselines": ("both", "default", 2),
+            "nap-text@nap": ("text", "default", 2), "nap-depth1-norefine@nap": ("none", "default", 1)}
+    for name, (refine, init, depth) in want.items():
+        cfg = build(name)
+        assert (cfg.refine, cfg.refiner_init, cfg.depth, cfg.text_ctx) == (refine, init, depth, 16), name
+    transfer = [r["run"] for r in replicate.transfer_rows()]
+    assert {"nap@nap", "nap-norefine@nap", "nap-zeroinit@nap", "nap-both@nap", "nap-both@baselines", "nap-text@nap",
+            "nap-text@baselines", "advmaple@nap", "advmaple@baselines"} <= set(transfer)
     ablation = replicate.ablation_rows(layers=4, nap_depth=3)
     assert [(r["depth"], r["refiners"], r["run"]) for r in ablation] == [
-        (1, False, "nap-depth1"), (2, False, "nap-depth2-norefine"), (2, True, "nap-depth2"), (3, False, "advmaple@nap"),
-        (3, True, "nap"), (4, False, "nap-depth4-norefine"), (4, True, "nap-depth4")]
-    shared = {r["run"]: r["flags"] for r in replicate.transfer_rows(nap_depth=3, n_ctx=2)}
-    assert all(shared[r["run"]] == r["flags"] for r in ablation if r["run"] in shared)  # one run, one command
-    assert {"nap-depth1", "nap-depth2"} <= set(shared)
+        (1, False, "nap-depth1-norefine@nap"), (2, False, "nap-depth2-norefine@nap"), (2, True, "nap-depth2@nap"),
+        (3, False, "nap-norefine@nap"), (3, True, "nap@nap"), (4, False, "nap-depth4-norefine@nap"),
+        (4, True, "nap-depth4@nap")]
 
 
 def fake_results() -> dict:
@@ -154,18 +174,19 @@ def fake_results() -> dict:
     rng = np.random.default_rng(0)
     tasks, eval_eps = list(synthetic.TASKS), ["1/255", "4/255"]
     ablation = replicate.ablation_rows(4, 3)
-    transfer = replicate.transfer_rows(3, 2)
-    comparison = replicate.METHODS + list(replicate.CONTROLS)
+    transfer = replicate.transfer_rows()
+    comparison = replicate.comparison_runs(replicate.METHODS, replicate.FAMILIES)
     names = list(dict.fromkeys(comparison + [r["run"] for r in ablation + transfer]))
-    cell = lambda: {"clean": float(rng.uniform(40, 95)), "robust": float(rng.uniform(0, 40)), "n_samples": 200, "steps": 100}
+    cell = lambda: {"clean": float(rng.uniform(40, 95)), "robust": float(rng.uniform(0, 40)), "n_samples": 200,
+                    "steps": 100, "n_seeds": 1, "clean_std": None, "robust_std": None}
     runs = {n: {"params": 1000 * i, "pgd": {e: {t: cell() for t in tasks} for e in eval_eps + ["0.5/255", "2/255"]},
                 "autoattack": {e: {"synthetic": cell()} for e in eval_eps}} for i, n in enumerate(names)}
+    own = {m: replicate.own_run(m) for m in replicate.METHODS}
     sweep = {n: {e: runs[n]["pgd"]["1/255"]["synthetic"]["clean" if e == "0" else "robust"] if e in ("0", "1/255")
-                 else runs[n]["pgd"][e]["synthetic"]["robust"] for e in replicate.SWEEP} for n in comparison}
+                 else runs[n]["pgd"][e]["synthetic"]["robust"] for e in replicate.SWEEP} for n in own.values()}
     return {"arch": "toy", "training_task": "synthetic", "tasks": tasks, "eval_eps": eval_eps, "sweep_eps": replicate.SWEEP,
-            "samples": 200, "aa_samples": 50, "steps": 100, "comparison": comparison, "controls": list(replicate.CONTROLS),
-            "runs": runs, "sweep": sweep, "ablation": [{k: r[k] for k in ("depth", "refiners", "run")} for r in ablation],
-            "transfer": [{k: r[k] for k in ("variant", "run")} for r in transfer]}
+            "samples": 200, "aa_samples": 200, "steps": 100, "seeds": [1], "comparison": comparison, "own": own,
+            "runs": runs, "sweep": sweep, "ablation": ablation, "transfer": transfer, "paired": []}
 
 
 def pixels_of(png, colour: str) -> int:
@@ -193,18 +214,42 @@ def test_figures_from_fake_results_keep_one_colour_per_method(tmp_path, monkeypa
     for p in paths:
         assert os.path.getsize(p) > 20_000
     assert drawn["eps-sweep.png"]["axes"] == [("eps (/255)", "robust accuracy (%)")]
-    assert drawn["eps-sweep.png"]["labels"] == results["comparison"]
+    assert drawn["eps-sweep.png"]["labels"] == list(results["sweep"])
     assert all(y.endswith("accuracy (%)") or "accuracy (%)," in y for f in drawn.values() for _, y in f["axes"])
     assert f"tecoa ({results['runs']['tecoa']['params']:,} trained parameters)" in drawn["frozen-vs-finetuned.png"]["labels"]
     # each method is drawn in its colour wherever it appears, and its colour appears nowhere else
     where = {"nap": set(figures.FILES), "tecoa": {"eps-sweep.png", "frozen-vs-finetuned.png"},
-             "advmaple": {"eps-sweep.png", "depth-refiners.png", "transfer.png"},  # NAP without refiners
+             "advmaple": {"eps-sweep.png", "transfer.png"}, "nap-norefine": {"depth-refiners.png", "transfer.png"},
              "advvlp": {"eps-sweep.png"}}
     for method, files in where.items():
         for name in figures.FILES:
             n = pixels_of(tmp_path / name, figures.COLOURS[method])
             assert (n > 50) == (name in files), (method, name, n)
     assert figures.colour("advmaple@nap") == figures.COLOURS["advmaple"] and figures.other_recipe("advmaple@nap")
+    assert not figures.other_recipe("advmaple@baselines") and figures.other_recipe("nap@baselines")
     (tmp_path / "part").mkdir()  # a figure is drawn only when its part ran
     partial = {**results, "ablation": [], "transfer": [], "sweep": {}}
     assert figures.write_all(partial, str(tmp_path / "part")) == [str(tmp_path / "part" / "frozen-vs-finetuned.png")]
+
+
+def test_the_toy_clip_is_built_first_so_every_training_is_keyed_by_an_existing_backbone(tmp_path, monkeypatch):
+    """An interrupted first job once left a run record naming a backbone file that did not exist yet, and the
+    rerun deleted the finished epochs as 'trained on another backbone'. The toy CLIP is now built first."""
+    toy = tmp_path / "cache" / "toy.pt"
+    calls = []
+
+    def fake_run(args, log=None, env=None):
+        calls.append(args[0])
+        if args[0] == "toyclip.py":
+            toy.parent.mkdir()
+            toy.write_bytes(b"toy weights")
+        elif args[0] == "train.py":
+            record = json.loads(open(os.path.join(args[args.index("--out") + 1], "replicate.json")).read())
+            assert record["key"]["backbone"]["arch_sha256"] == runtime.sha256_file(str(toy))
+        return 0.0
+
+    monkeypatch.setattr(runtime, "backbone_file", lambda arch: str(toy) if arch == "toy" else None)
+    monkeypatch.setattr(replicate, "run", fake_run)
+    replicate.main(["--out", str(tmp_path / "rep"), "--methods", "advpt", "--recipes", "baselines", "--jobs", "1",
+                    "--eval-eps", "4/255", "--sweep-eps", "4/255"])
+    assert calls[0] == "toyclip.py" and calls[1] == "train.py" and set(calls[2:]) == {"evaluate.py"}
