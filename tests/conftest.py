@@ -37,7 +37,7 @@ def tiny_weights(tmp_path_factory):
 def cli(script, *args, cwd=ROOT):
     """Runs `python <script> args` from the project as a user would -> CompletedProcess (text output)."""
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"})
+                          timeout=1800, env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"})
 
 
 def stop_after_first_checkpoint(monkeypatch, argv):
