@@ -34,6 +34,21 @@ def tiny_weights(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def varied_weights(tmp_path_factory):
+    """The tiny CLIP without its image position and class embeddings: with them its random weights give every
+    image the same class; without, its predictions (and so counts and per-image flags) depend on the pixels."""
+    from clip.model import CLIP
+    torch.manual_seed(0)
+    model = CLIP(*TINY)
+    with torch.no_grad():
+        model.visual.positional_embedding.zero_()
+        model.visual.class_embedding.zero_()
+    path = str(tmp_path_factory.mktemp("weights") / "varied.pt")
+    torch.save(model.state_dict(), path)
+    return path
+
+
 def cli(script, *args, cwd=ROOT):
     """Runs `python <script> args` from the project as a user would -> CompletedProcess (text output)."""
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, capture_output=True, text=True,
@@ -53,3 +68,12 @@ def stop_after_first_checkpoint(monkeypatch, argv):
     with pytest.raises(KeyboardInterrupt):
         train.main(argv)
     monkeypatch.setattr(train, "save", real)
+
+
+def one_line_error(r, *fragments) -> str:
+    """Asserts a CLI run ended with exit status 2 and one 'error: ...' line holding every fragment; -> that line."""
+    lines = [line for line in r.stderr.strip().splitlines() if line.strip() and not line.startswith("warning")]
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]

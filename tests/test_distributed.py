@@ -10,15 +10,12 @@ import sys
 import time
 
 import pytest
-import torch
 
 import evaluate
 import nap
 import train
-from clip.model import CLIP
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = (32, 32, 2, 64, 8, 77, 49408, 64, 1, 2)
 EPOCHS = 4
 # --n-ctx 2: a run that learns. With the preset's 16 random tokens this tiny run collapses to chance, where AdamW's
 # normalised steps amplify the float summation-order difference of DDP's gradient all-reduce past the tolerance.
@@ -35,17 +32,9 @@ AUTOATTACK = ["--dataset", "synthetic", "--attack", "autoattack", "--eps", "4/25
 
 
 @pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory):
-    """test_pipeline's tiny CLIP without its image position and class embeddings: with them its random
-    weights give every image the same class; without, the predictions (and counts) depend on the pixels."""
-    torch.manual_seed(0)
-    model = CLIP(*TINY)
-    with torch.no_grad():
-        model.visual.positional_embedding.zero_()
-        model.visual.class_embedding.zero_()
-    path = str(tmp_path_factory.mktemp("weights") / "tiny.pt")
-    torch.save(model.state_dict(), path)
-    return path
+def tiny_weights(varied_weights):
+    """conftest's varied_weights: the tiny CLIP whose predictions (and counts) depend on the pixels."""
+    return varied_weights
 
 
 def torchrun(script, *args, nproc=2, log=None):

@@ -17,7 +17,7 @@ import runtime
 import stats
 import train
 from clip.model import CLIP
-from conftest import TINY, cli
+from conftest import TINY, cli, one_line_error
 from test_distributed import finish, torchrun
 
 EVAL = ["--dataset", "synthetic", "--attack", "pgd", "--steps", "2", "--n-samples", "21", "--batch-size", "8",
@@ -29,34 +29,12 @@ VARIED = ["--dataset", "synthetic-colour", "--attack", "pgd", "--steps", "2", "-
 
 
 @pytest.fixture(scope="module")
-def varied_weights(tmp_path_factory):
-    """The tiny CLIP without image position and class embeddings, so its predictions depend on the pixels
-    (as in test_distributed.py): per-image flags that are not all alike."""
-    torch.manual_seed(0)
-    model = CLIP(*TINY)
-    with torch.no_grad():
-        model.visual.positional_embedding.zero_()
-        model.visual.class_embedding.zero_()
-    path = str(tmp_path_factory.mktemp("weights") / "varied.pt")
-    torch.save(model.state_dict(), path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def tecoa(tiny_weights, tmp_path_factory):
     """A TeCoA checkpoint (it fine-tunes the image encoder) after one epoch on the tiny CLIP."""
     out = tmp_path_factory.mktemp("run") / "tecoa"
     train.main(["--dataset", "synthetic", "--shots", "1", "--batch-size", "8", "--workers", "0", "--device", "cpu",
                 "--epochs", "1", "--steps", "1", "--arch", tiny_weights, "--method", "tecoa", "--out", str(out)])
     return str(out / "checkpoint.pt")
-
-
-def one_line_error(r, *fragments):
-    lines = [line for line in r.stderr.strip().splitlines() if line.strip() and not line.startswith("warning")]
-    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-    return lines[0]
 
 
 def flags(s: str) -> list:

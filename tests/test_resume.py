@@ -3,7 +3,6 @@ and resumed, ends bit for bit where the uninterrupted run ends (FARE's target en
 on changed training data is refused in one line, and a full disk says to resume; the schedules are their
 sources' closed forms, also across a resume of a --max-steps run."""
 import errno
-import math
 import os
 
 import numpy as np

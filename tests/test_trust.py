@@ -19,7 +19,7 @@ import nap
 import runtime
 import train
 from clip.model import CLIP
-from conftest import ROOT, TINY, cli, stop_after_first_checkpoint
+from conftest import ROOT, TINY, cli, one_line_error, stop_after_first_checkpoint
 
 FAST = ["--dataset", "synthetic", "--shots", "2", "--batch-size", "8", "--workers", "0", "--depth", "2",
         "--device", "cpu", "--epochs", "2"]
@@ -53,16 +53,6 @@ def image_tree(root, seed=0, classes=("cat", "dog"), n=4):
             for i in range(n):
                 Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(os.path.join(root, split, c, f"{i}.png"))
     return str(root)
-
-
-
-
-def one_line_error(r, *fragments):
-    lines = [line for line in r.stderr.strip().splitlines() if line.strip() and not line.startswith("warning")]
-    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-    return lines[0]
 
 
 # ---------------------------------------------------------------------- 1. results keyed by what produced them
@@ -178,27 +168,6 @@ def test_ctrl_c_keeps_the_epochs_and_names_resume(tiny_weights, tmp_path):
     assert p.returncode == 130 and "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith("error: interrupted") and "--resume" in err.strip().splitlines()[-1]
     assert nap.load_checkpoint(str(out / "checkpoint.pt"))["epoch"] >= 0
-
-
-def test_a_full_disk_keeps_the_last_good_checkpoint(tiny_weights, tmp_path, monkeypatch):
-    out = tmp_path / "run"
-    real, calls = torch.save, []
-
-    def full_after_first(obj, f, *a, **k):  # nap.atomic_save hands torch.save an open file
-        calls.append(f)
-        if len(calls) > 1:
-            f.write(b"partial")
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(obj, f, *a, **k)
-
-    monkeypatch.setattr(torch, "save", full_after_first)
-    with pytest.raises(OSError):
-        train.main([*FAST, "--arch", tiny_weights, "--method", "advpt", "--out", str(out)])
-    monkeypatch.setattr(torch, "save", real)
-    assert sorted(os.listdir(out)) == ["checkpoint.pt", "train.log"]  # no temporary file left behind
-    assert nap.load_checkpoint(str(out / "checkpoint.pt"))["epoch"] == 0
-    train.main([*FAST, "--arch", tiny_weights, "--method", "advpt", "--out", str(out), "--resume"])
-    assert nap.load_checkpoint(str(out / "checkpoint.pt"))["epoch"] == 1
 
 
 # ---------------------------------------------------------------------- 3. the sources' recipes
