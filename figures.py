@@ -204,8 +204,31 @@ def write_all(results: dict, out: str) -> list:
     return [p for p in paths if p]
 
 
-if __name__ == "__main__":
+def main(argv=None):
+    """python figures.py [FOLDER]: redraws the figures from FOLDER/results.json; a missing or bad file is one line."""
+    import argparse
     import json
-    folder = sys.argv[1] if len(sys.argv) > 1 else "runs/replication"
-    with open(os.path.join(folder, "results.json")) as f:
-        print("\n".join(write_all(json.load(f), folder)))
+    p = argparse.ArgumentParser(description="Redraw replicate.py's figures from its results.json.")
+    p.add_argument("folder", nargs="?", default="runs/replication", help="replicate.py's --out (default: %(default)s)")
+    folder = p.parse_args(argv).folder
+    path = os.path.join(folder, "results.json")
+    try:
+        with open(path) as f:
+            results = json.load(f)
+    except FileNotFoundError:
+        fail(f"{path} does not exist; run python replicate.py (--out {folder}) first, or name its folder")
+    except json.JSONDecodeError:
+        results = None
+    if not isinstance(results, dict) or not {"runs", "tasks", "eval_eps"} <= set(results):
+        fail(f"{path} is not a results.json written by replicate.py; run python replicate.py again")
+    print("\n".join(write_all(results, folder)))
+
+
+def fail(message: str):
+    """One line on stderr and exit status 2, as the other CLIs."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

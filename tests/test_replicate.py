@@ -253,3 +253,17 @@ def test_the_toy_clip_is_built_first_so_every_training_is_keyed_by_an_existing_b
     replicate.main(["--out", str(tmp_path / "rep"), "--methods", "advpt", "--recipes", "baselines", "--jobs", "1",
                     "--eval-eps", "4/255", "--sweep-eps", "4/255"])
     assert calls[0] == "toyclip.py" and calls[1] == "train.py" and set(calls[2:]) == {"evaluate.py"}
+
+
+def test_figures_cli_help_redraws_and_refuses_in_one_line(tmp_path):
+    run = lambda *a: subprocess.run([sys.executable, os.path.join(ROOT, "figures.py"), *a], capture_output=True,
+                                    text=True, timeout=1800, env={**os.environ, "PYTHONPATH": ROOT})
+    assert run("--help").returncode == 0 and "results.json" in run("--help").stdout
+    missing = run(str(tmp_path / "none"))
+    assert missing.returncode == 2 and missing.stderr.startswith("error: ") and len(missing.stderr.splitlines()) == 1
+    (tmp_path / "results.json").write_text(json.dumps(fake_results()))
+    drawn = run(str(tmp_path))
+    assert drawn.returncode == 0 and sorted(os.listdir(tmp_path)) == sorted(["results.json", *figures.FILES])
+    (tmp_path / "results.json").write_text("[1, 2]")
+    bad = run(str(tmp_path))
+    assert bad.returncode == 2 and "not a results.json" in bad.stderr and "Traceback" not in bad.stderr
