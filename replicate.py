@@ -252,7 +252,7 @@ def execute(plan: dict, out: str, arch: str, train_extra: list, eval_extra: list
                                             "--eps", eps, *step, "--dataset", *[t for t in TASKS if t in datasets],
                                             "--n-samples", str(n), "--batch-size", str(n), "--workers", "0",
                                             "--out", eval_path(out, r, seed, attack, eps, n, eval_extra), *eval_extra]))
-    evaluations.sort(key=lambda e: e[1][e[1].index("--attack") + 1] != "autoattack")  # the costliest first
+    evaluations.sort(key=lambda e: e[1][e[1].index("--attack") + 1] == "autoattack")  # every PGD table fills first
     runner.map([lambda e=e: runner(*e) for e in evaluations], "evaluation")
 
 
