@@ -588,6 +588,44 @@ def few_shot(dataset, shots, seed):
     return subset
 
 
+SUBSAMPLE = ("all", "base", "new")
+
+
+class ClassSubset(Subset):
+    """The images of some classes of a dataset, relabelled 0..k-1 in class order; .classnames, .targets."""
+
+    def __init__(self, dataset, classes):
+        keep = {c: new for new, c in enumerate(classes)}
+        indices = [i for i, y in enumerate(dataset.targets) if y in keep]
+        super().__init__(dataset, indices)
+        self.relabel = keep
+        self.classnames = [dataset.classnames[c] for c in classes]
+        self.targets = [keep[dataset.targets[i]] for i in indices]
+
+    def __getitem__(self, i):
+        image, y = self.dataset[self.indices[i]]
+        return image, self.relabel[y]
+
+    def __getitems__(self, items):
+        return [self[i] for i in items]
+
+
+def subsample_classes(dataset, which="all"):
+    """Base-to-new split, Dassl's `subsample_classes` rule: of the n classes (labels sorted), the first
+    ceil(n/2) are `base`, the rest `new`, each relabelled from 0; `all` returns the dataset unchanged.
+
+    Dassl takes the labels present in the training split; every dataset here has every class in
+    each split, so the rule reads the class list (n = len(classnames)) and gives the same split on
+    train, val and test."""
+    if which not in SUBSAMPLE:
+        raise ValueError(f"unknown class subsample {which!r}; expected one of {SUBSAMPLE}")
+    if which == "all":
+        return dataset
+    n = len(dataset.classnames)
+    m = -(-n // 2)  # ceil(n / 2)
+    return ClassSubset(dataset, list(range(m)) if which == "base" else list(range(m, n)))
+
+
 def eval_transform(n_px):
     """PIL image -> (3, n_px, n_px) float32 in [0,1]: bicubic resize of the short side, centre
     crop; the same numbers as OpenAI's CLIP preprocess before its normalisation."""

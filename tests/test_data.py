@@ -1,6 +1,7 @@
 """Tests for data.py on tiny trees built in tmp_path in CoOp's real layout."""
 import io
 import json
+import math
 import os
 
 import pytest
@@ -566,6 +567,62 @@ def test_few_shot_takes_k_per_class_reproducibly():
         assert data.few_shot(ds, 4, seed=2).indices != sub.indices
     with pytest.raises(ValueError, match="shots"):
         data.few_shot(ds, 0, seed=1)
+
+
+class _Items(torch.utils.data.Dataset):
+    """(index, label) items: what an item is tells which source image it was."""
+
+    def __init__(self, targets, n_classes):
+        self.targets, self.classnames = list(targets), [f"c{i}" for i in range(n_classes)]
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        return i, self.targets[i]
+
+
+def _dassl_subsample(items, subsample):
+    """Dassl's subsample_classes on a list of (impath, label, classname), written from its rule."""
+    labels = sorted({label for _, label, _ in items})
+    m = math.ceil(len(labels) / 2)
+    selected = labels[:m] if subsample == "base" else labels[m:]
+    relabel = {y: new for new, y in enumerate(selected)}
+    return [(path, relabel[y], name) for path, y, name in items if y in selected]
+
+
+@pytest.mark.parametrize("n_classes", [2, 5, 10, 37])
+def test_subsample_classes_follows_dassl(n_classes):
+    g = torch.Generator().manual_seed(n_classes)
+    targets = torch.randint(0, n_classes, (6 * n_classes,), generator=g).tolist()
+    targets[:n_classes] = range(n_classes)  # every class present, as in every split here
+    ds = _Items(targets, n_classes)
+    items = [(i, y, ds.classnames[y]) for i, y in enumerate(targets)]
+    assert data.subsample_classes(ds, "all") is ds
+    names = []
+    for which in ("base", "new"):
+        sub = data.subsample_classes(ds, which)
+        got = [(sub[k][0], sub[k][1], sub.classnames[sub[k][1]]) for k in range(len(sub))]
+        assert got == _dassl_subsample(items, which)
+        assert sub.targets == [y for _, y, _ in got]
+        names.append(sub.classnames)
+    assert len(names[0]) == math.ceil(n_classes / 2) and names[0] + names[1] == ds.classnames
+    with pytest.raises(ValueError, match="base"):
+        data.subsample_classes(ds, "old")
+
+
+def test_base_classes_few_shot_in_either_order_and_fingerprints_differ(tmp_path):
+    for c in range(5):
+        for i in range(6):
+            _write(tmp_path / f"class{c}" / f"{i}.png", _png(seed=10 * c + i))
+    full = data.build_dataset(str(tmp_path), split="train")
+    base = data.subsample_classes(full, "base")
+    # Dassl samples the shots first, then keeps the base classes; the reverse draws the same images
+    first = data.subsample_classes(data.few_shot(full, 2, seed=3), "base")
+    then = data.few_shot(base, 2, seed=3)
+    assert sorted(first.dataset.indices[i] for i in first.indices) == sorted(base.indices[i] for i in then.indices)
+    prints = {data.fingerprint(d) for d in (full, base, data.subsample_classes(full, "new"), then)}
+    assert len(prints) == 4
 
 
 # ----- transforms and loaders --------------------------------------------------------------------
