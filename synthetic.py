@@ -36,6 +36,10 @@ TASKS = {"synthetic": SHAPES, "synthetic-colour": list(COLOURS), "synthetic-text
 TASK_ATTRIBUTE = {"synthetic": "shape", "synthetic-colour": "colour",
                   "synthetic-texture": "texture", "synthetic-size": "size",
                   "synthetic-position": "position"}
+DOMAINS = {"synthetic-v2": "photo", "synthetic-sketch": "sketch", "synthetic-negative": "negative"}
+"""Shifted domains of the training task (its shapes, new draws), for domain generalisation: `v2` a fresh
+draw from the same generator (ImageNet-V2's idea), `sketch` the object's outline on a plain ground
+(ImageNet-Sketch's), `negative` the photo's negative (a rendition the encoder never saw)."""
 SPLITS = {"train": 100, "val": 20, "test": 50}    # default images per class
 _STREAMS = {"train": 1, "val": 2, "test": 3, "captions": 4}   # seed streams, disjoint
 
@@ -115,8 +119,19 @@ def _texture(texture, x, y, rng):
     raise ValueError(f"unknown texture {texture!r}; expected one of {TEXTURES}")
 
 
-def render(attrs, res, rng):
-    """Draw one image with attributes `attrs` -> uint8 array (res, res, 3)."""
+def _outline(mask, width):
+    """The pixels of a boolean mask within `width` pixels of its edge (4-neighbour erosion)."""
+    inner = mask
+    for _ in range(width):
+        shrunk = np.zeros_like(inner)
+        shrunk[1:-1, 1:-1] = (inner[1:-1, 1:-1] & inner[:-2, 1:-1] & inner[2:, 1:-1]
+                              & inner[1:-1, :-2] & inner[1:-1, 2:])
+        inner = shrunk
+    return mask & ~inner
+
+
+def render(attrs, res, rng, style="photo"):
+    """Draw one image with attributes `attrs` -> uint8 array (res, res, 3); style photo, sketch or negative."""
     y, x = _grid(res)
     # background: a smooth greyish field, lightly tinted
     up = _upsampler(res)
@@ -134,8 +149,14 @@ def render(attrs, res, rng):
     colour = colour * rng.uniform(0.8, 1.0)
     shade = 1.0 - rng.uniform(0.35, 0.5) * _texture(attrs["texture"], x, y, rng)
     img = np.where(mask[..., None], colour * shade[..., None], img)
+    if style == "sketch":  # a dark outline on a plain light ground
+        ground = np.full_like(img, rng.uniform(0.8, 0.95))
+        img = np.where(_outline(mask, max(1, round(res / 32)))[..., None], rng.uniform(0.05, 0.2), ground)
+    elif style != "photo" and style != "negative":
+        raise ValueError(f"unknown style {style!r}; expected photo, sketch or negative")
     img = img + rng.normal(0, 0.03, img.shape)
-    return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
+    img = (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
+    return 255 - img if style == "negative" else img
 
 
 def caption(attrs, rng):
@@ -169,17 +190,18 @@ class SyntheticDataset(Dataset):
     """Classify one attribute: item i -> (PIL RGB image, int label), labels balanced."""
 
     def __init__(self, task="synthetic", split="train", size=None, resolution=64, seed=0):
-        if task not in TASKS:
-            raise ValueError(f"unknown synthetic task {task!r}; expected one of {list(TASKS)}")
+        if task not in TASKS and task not in DOMAINS:
+            raise ValueError(f"unknown synthetic task {task!r}; expected one of {list(TASKS) + list(DOMAINS)}")
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
         self.task, self.split, self.resolution, self.seed = task, split, resolution, seed
-        self.attribute = TASK_ATTRIBUTE[task]
-        self.classnames = list(TASKS[task])
+        self.style = DOMAINS.get(task, "photo")
+        self.attribute = TASK_ATTRIBUTE.get(task, "shape")
+        self.classnames = list(TASKS.get(task, SHAPES))
         n = len(self.classnames)
         self.size = SPLITS[split] * n if size is None else int(size)
         self.targets = [i % n for i in range(self.size)]
-        self._task_id = list(TASKS).index(task)
+        self._task_id = (list(TASKS) + list(DOMAINS)).index(task)  # a domain's images are new draws
 
     def __len__(self):
         return self.size
@@ -197,7 +219,7 @@ class SyntheticDataset(Dataset):
 
     def __getitem__(self, i):
         attrs, rng = self._draw(i)
-        return Image.fromarray(render(attrs, self.resolution, rng)), self.targets[i]
+        return Image.fromarray(render(attrs, self.resolution, rng, self.style)), self.targets[i]
 
 
 class CaptionDataset(Dataset):

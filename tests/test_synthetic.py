@@ -132,3 +132,21 @@ def test_bad_arguments_raise_clear_errors():
         SyntheticDataset("synthetic", "dev")
     with pytest.raises(IndexError):
         SyntheticDataset("synthetic", "test", size=5)[5]
+
+
+def test_domains_are_new_draws_of_the_shapes_in_another_style():
+    photo = SyntheticDataset("synthetic", "test")
+    for name in synthetic.DOMAINS:
+        ds = SyntheticDataset(name, "test")
+        assert ds.classnames == TASKS["synthetic"] and ds.targets == photo.targets and len(ds) == len(photo)
+        assert ds.attributes(3) != photo.attributes(3) or not np.array_equal(pixels(ds[3][0]), pixels(photo[3][0]))
+    attrs = synthetic.sample_attributes(np.random.default_rng(0), shape="star", position="center")
+    draw = lambda style: synthetic.render(attrs, 64, np.random.default_rng(5), style)  # noqa: E731
+    assert np.array_equal(draw("negative"), 255 - draw("photo"))
+    sketch = draw("sketch").astype(int).mean(-1)
+    dark, light = sketch < 100, sketch > 150
+    assert dark.sum() + light.sum() == 64 * 64 and 20 < dark.sum() < 400  # an outline, not a filled shape
+    ys, xs = np.nonzero(dark)
+    assert abs(ys.mean() - 32) < 4 and abs(xs.mean() - 32) < 4  # around the object in the centre
+    with pytest.raises(ValueError, match="sketch"):
+        synthetic.render(attrs, 64, np.random.default_rng(5), "cartoon")
