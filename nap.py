@@ -156,13 +156,30 @@ def is_vit(clip_model: nn.Module) -> bool:
     return hasattr(clip_model.visual, "class_embedding")
 
 
+# The range of a [0, 1] image after CLIP's normalisation, (0 - mean) / std .. (1 - mean) / std: about [-1.79, 2.15]
+NORMALISED = (min(-m / s for m, s in zip(MEAN, STD)), max((1 - m) / s for m, s in zip(MEAN, STD)))
+
+
 def check_images(images: torch.Tensor):
-    """Refuses images that are not floats in [0, 1] (uint8, or 0..255 floats): one line saying how to fix it."""
+    """Refuses images that are not floats in [0, 1] in one line saying how to fix it: uint8 or 0..255 floats
+    (divide by 255), images already normalised with CLIP's mean/std (the model normalises), anything else."""
     if not torch.is_floating_point(images):
         raise ValueError(f"images must be floats in [0, 1], got {images.dtype}; convert with images.float() / 255")
-    if images.numel() and images.detach().amax() > 1 + 1e-6:
-        raise ValueError(f"images must be in [0, 1] (the model normalises them), got values up to "
-                         f"{images.detach().amax().item():.4g}; divide by 255")
+    if not images.numel():
+        return
+    lo, hi = torch.stack(torch.aminmax(images.detach())).tolist()  # one sync
+    tol = 1e-6
+    if lo >= -tol and hi <= 1 + tol:
+        return
+    if lo >= -tol and hi > NORMALISED[1] + tol:
+        raise ValueError(f"images must be in [0, 1] (the model normalises them), got values up to {hi:.4g}; "
+                         f"divide by 255")
+    if lo < -tol and NORMALISED[0] - tol <= lo and hi <= NORMALISED[1] + tol:
+        raise ValueError(f"images must be in [0, 1], got values in [{lo:.4g}, {hi:.4g}], which looks normalised "
+                         f"with CLIP's mean/std; pass images in [0, 1] (the model normalises inside): use the "
+                         f"preprocess from this project's clip.load, or leave out the Normalize step")
+    raise ValueError(f"images must be in [0, 1] (the model normalises them), got values in [{lo:.4g}, {hi:.4g}]; "
+                     f"clamp or rescale them into [0, 1]")
 
 
 def text_template(cfg: PromptConfig) -> str:

@@ -71,9 +71,14 @@ def caption_batch(data, start, count, text_window):
     """Items start..start+count of a CaptionDataset -> (normalised images [N,3,R,R], tokens [N,W])."""
     arrays, texts = zip(*(data.array(i) for i in range(start, start + count)))
     images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255)
-    mean, std = torch.tensor(clip.MEAN).view(3, 1, 1), torch.tensor(clip.STD).view(3, 1, 1)
     tokens = clip.tokenize(list(texts), context_length=text_window)
-    return (images - mean) / std, tokens
+    return normalise(images), tokens
+
+
+def normalise(images):
+    """Images [N, 3, R, R] in [0, 1] -> CLIP's input, normalised with its mean and std (the bare model does not)."""
+    mean, std = torch.tensor(clip.MEAN).view(3, 1, 1), torch.tensor(clip.STD).view(3, 1, 1)
+    return (images - mean.to(images.device)) / std.to(images.device)
 
 
 def contrastive_loss(model, images, tokens):
@@ -125,7 +130,9 @@ def load(device="cpu", download_root=None, rebuild=False, config: ToyConfig = No
 @torch.no_grad()
 def zeroshot_accuracy(model, preprocess, task, split="test", template="a photo of a {}.",
                       size=None, batch_size=500):
-    """Top-1 zero-shot accuracy (in [0,1]) of `model` on a synthetic task with one prompt per class."""
+    """Top-1 zero-shot accuracy (in [0,1]) of `model` on a synthetic task with one prompt per class.
+
+    preprocess: load()'s, PIL image -> [3, R, R] in [0, 1]; the images are normalised here for the bare CLIP."""
     data = synthetic.SyntheticDataset(task, split, size=size)
     device = model.logit_scale.device
     tokens = clip.tokenize([template.format(c) for c in data.classnames]).to(device)
@@ -133,7 +140,7 @@ def zeroshot_accuracy(model, preprocess, task, split="test", template="a photo o
     correct = 0
     for start in range(0, len(data), batch_size):
         items = [data[i] for i in range(start, min(start + batch_size, len(data)))]
-        images = torch.stack([preprocess(im) for im, _ in items]).to(device)
+        images = normalise(torch.stack([preprocess(im) for im, _ in items]).to(device))
         pred = (F.normalize(model.encode_image(images), dim=-1) @ text.t()).argmax(-1)
         correct += (pred.cpu() == torch.tensor([y for _, y in items])).sum().item()
     return correct / len(data)

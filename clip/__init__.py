@@ -3,8 +3,13 @@
 A drop-in for `import clip`. `load` takes one of OpenAI's nine model names (downloaded once to a
 cache folder and checked against the SHA256 in its URL) or a path to a local file, which may be
 OpenAI's TorchScript archive or a plain state_dict. The model it returns is this package's
-`CLIP` module, never a TorchScript one. `image_transform(n, normalize=False)` is the same
-pipeline without the normalisation, for code that keeps images in [0, 1].
+`CLIP` module, never a TorchScript one.
+
+One difference from OpenAI's package: the preprocess `load` returns stops at images in [0, 1]
+(resize, centre crop, ToTensor), the input this project's models and attacks take (they normalise
+inside, so eps is in pixels). `load(..., normalize=True)` returns OpenAI's preprocess, which also
+normalises with CLIP's MEAN and STD, for feeding the bare CLIP's `encode_image` as OpenAI's examples
+do; `image_transform(n_px, normalize)` builds either.
 
 `load(..., vision_weights=FILE)` then replaces the image encoder with a robust one (TeCoA, FARE,
 QT-AFT, a fine-tuned train.py checkpoint; see vision_weights.py), strictly, leaving the text tower
@@ -95,8 +100,9 @@ def download(url: str, root: str) -> str:
     return target
 
 
-def image_transform(n_px: int, normalize: bool = True) -> Compose:
-    """OpenAI's preprocess: bicubic resize of the short side, centre crop, RGB, [0,1] tensor, CLIP's mean/std."""
+def image_transform(n_px: int, normalize: bool = False) -> Compose:
+    """PIL image -> [3, n_px, n_px] in [0, 1]: bicubic resize of the short side, centre crop, RGB, ToTensor;
+    normalize=True adds CLIP's mean/std, which makes it OpenAI's preprocess."""
     steps = [Resize(n_px, interpolation=InterpolationMode.BICUBIC), CenterCrop(n_px), _to_rgb, ToTensor()]
     return Compose(steps + [Normalize(MEAN, STD)] if normalize else steps)
 
@@ -128,9 +134,11 @@ def read_state_dict(path: str) -> dict:
 
 
 def load(name: str, device="cuda" if torch.cuda.is_available() else "cpu", jit: bool = False,
-         download_root: str = None, dtype: torch.dtype = None, vision_weights: str = None):
+         download_root: str = None, dtype: torch.dtype = None, vision_weights: str = None, normalize: bool = False):
     """A model name or file path -> (CLIP model in eval mode on device, preprocess for PIL images).
 
+    preprocess gives images in [0, 1], as PromptedCLIP and the attacks take them; normalize=True gives
+    OpenAI's preprocess instead (CLIP's mean/std applied), the input of the bare model's encode_image.
     dtype defaults to OpenAI's choice: float32 on the CPU, float16 (conv/linear weights) on CUDA.
     vision_weights: a file whose image encoder replaces the model's, every key and shape matched
     (vision_weights.py lists the formats); the text tower stays as loaded.
@@ -151,4 +159,4 @@ def load(name: str, device="cuda" if torch.cuda.is_available() else "cpu", jit: 
         convert_weights(model, dtype)
     if visual is not None:
         load_visual_state_dict(model, visual, source=vision_weights)
-    return model.to(device), image_transform(model.visual.input_resolution)
+    return model.to(device), image_transform(model.visual.input_resolution, normalize)

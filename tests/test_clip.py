@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms import Normalize
 
 import clip
 from clip.model import CLIP
@@ -181,16 +182,32 @@ def test_load_refuses_bad_input(tmp_path):
 def test_preprocess_on_odd_size_image():
     rng = np.random.RandomState(0)
     image = Image.fromarray((rng.rand(301, 217, 3) * 255).astype(np.uint8))  # width 217, height 301
-    raw = clip.image_transform(64, normalize=False)(image)
+    raw = clip.image_transform(64)(image)
     # Short side to 64 (long side int(64 * 301 / 217) = 88), bicubic, then the centre 64 rows.
     resized = np.asarray(image.resize((64, 88), Image.BICUBIC), dtype=np.float32) / 255
     top = int(round((88 - 64) / 2.0))
     assert raw.shape == (3, 64, 64) and 0 <= raw.min() and raw.max() <= 1
     assert torch.allclose(raw, torch.from_numpy(resized[top:top + 64]).permute(2, 0, 1))
-    normed = clip.image_transform(64)(image.convert("L"))  # grey input comes out RGB
+    normed = clip.image_transform(64, normalize=True)(image.convert("L"))  # grey input comes out RGB
     assert normed.shape == (3, 64, 64)
     mean, std = torch.tensor(clip.MEAN)[:, None, None], torch.tensor(clip.STD)[:, None, None]
-    assert torch.allclose(clip.image_transform(64)(image), (raw - mean) / std, atol=1e-6)
+    assert torch.allclose(clip.image_transform(64, normalize=True)(image), (raw - mean) / std, atol=1e-6)
+
+
+def test_load_preprocess_gives_unit_range_images_and_normalize_gives_openais(tmp_path):
+    """clip.load's preprocess stops at [0, 1] (what PromptedCLIP and the attacks take); normalize=True is OpenAI's,
+    the same images normalised afterwards with CLIP's mean/std."""
+    path = str(tmp_path / "tiny.pt")
+    torch.save(tiny().state_dict(), path)
+    _, preprocess = clip.load(path, device="cpu")
+    _, openai_preprocess = clip.load(path, device="cpu", normalize=True)
+    image = Image.fromarray((np.random.RandomState(1).rand(50, 70, 3) * 255).astype(np.uint8))
+    x = preprocess(image)
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
+    assert x.min() < 0.1 and x.max() > 0.9  # the whole range, not normalised
+    normalize = Normalize(clip.MEAN, clip.STD)
+    assert torch.allclose(openai_preprocess(image), normalize(x), atol=1e-6)
+    assert openai_preprocess(image).min() < 0
 
 
 # ---------------------------------------------------------------- download against a local server

@@ -4,6 +4,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import clip
 import nap
@@ -244,6 +245,28 @@ def test_bad_configs_are_refused():
         nap.make_config("advmaple", vision_ctx=4)
     with pytest.raises(ValueError, match="exceeds the number of transformer layers"):
         nap.PromptedCLIP(tiny_clip(), NAMES, nap.PRESETS["nap"])  # depth 9 > 3 layers
+
+
+def test_images_outside_unit_range_are_refused_with_the_fix(tmp_path):
+    """Each way of getting the input range wrong has its own one-line fix; [0, 1] from clip.load's preprocess passes."""
+    model = nap.PromptedCLIP(tiny_clip(), NAMES, small("nap"))
+    x = images()
+    with pytest.raises(ValueError, match=r"got values up to 255; divide by 255$"):
+        model(x * 255)
+    with pytest.raises(ValueError, match=r"looks normalised with CLIP's mean/std; pass images in \[0, 1\] \(the model "
+                                         r"normalises inside\): use the preprocess from this project's clip.load"):
+        model(normalise(x))
+    with pytest.raises(ValueError, match=r"got values in \[-3, 0.9\d*\]; clamp or rescale them into \[0, 1\]$"):
+        model(torch.cat([x[:1] - 3, x[1:]]))
+    with pytest.raises(ValueError, match=r"got values in \[\S+, 1.5\]; clamp or rescale"):
+        model(x * 1.5)
+    with pytest.raises(ValueError, match=r"floats in \[0, 1\], got torch.uint8; convert with images.float\(\) / 255"):
+        model((x * 255).to(torch.uint8))
+    path = str(tmp_path / "tiny.pt")
+    torch.save(tiny_clip().state_dict(), path)
+    backbone, preprocess = clip.load(path, device="cpu")
+    picture = Image.fromarray((images(1, res=48)[0].permute(1, 2, 0) * 255).to(torch.uint8).numpy())
+    assert nap.PromptedCLIP(backbone, NAMES, small("nap"))(preprocess(picture)[None]).shape == (1, len(NAMES))
 
 
 def test_checkpoint_round_trip(tmp_path):
