@@ -1,15 +1,17 @@
-"""Adversarial attacks on image classifiers: fgsm, pgd, apgd, apgd_targeted, fab_targeted,
+"""Adversarial attacks on image classifiers: fgsm, pgd, cw (PGD on the CW margin), tpgd (TRADES'
+KL), transfer (from a surrogate, with DI's diverse_inputs), apgd, apgd_targeted, fab_targeted,
 square and autoattack (Croce & Hein 2020), plus parse_eps for the CLIs.
 
 Every attack is a function attack(model, x, y, eps, ...) -> x_adv. `model` is any callable from
 images in [0,1] (B, ...) to logits (B, C); put it in eval mode first. x_adv has x's shape, dtype
 and device and lies in the eps ball around x (L-inf unless norm="l2") intersected with [0,1].
-Attacks are batched and seeded with a private generator, and stop spending work on a point once
-the model misclassifies it (except pgd(..., early_stop=False), the plain fixed-step version that
-training uses, also on a loss of its own: pgd(..., loss=...)). Steps do not depend on the precision
-the model computes in (fp16, bf16, autocast): the loss is computed on a float64 copy of the logits
-and its gradient, rescaled per point to a max-abs in [1, 2), is what flows back through the model,
-so a confident point's softmax gradient cannot underflow to zero in fp16 (see _loss_grad). Input
+Attacks are batched and seeded with a private generator, and stop spending work on a point once the
+model misclassifies it (except pgd(..., early_stop=False), the plain fixed-step version that
+training uses, also on a loss of its own: pgd(..., loss=...); and transfer, which crafts on a
+surrogate and hands every point its crafted image). Steps do not depend on the precision the model
+computes in (fp16, bf16, autocast): the loss is computed on a float64 copy of the logits and its
+gradient, rescaled per point to a max-abs in [1, 2), is what flows back through the model, so a
+confident point's softmax gradient cannot underflow to zero in fp16 (see _loss_grad). Input
 gradients come from torch.autograd.grad w.r.t. the input only, so the model's parameters never get
 a .grad. Bad arguments (images not floats in [0,1], eps or alpha beyond the pixel range, negative
 counts, labels that are not classes of the model) are refused with a one-line ValueError.
@@ -192,7 +194,7 @@ def _loss_grad(model, x, y, loss_fn, t=None, eot=1, labels=False):
             # per point, and a power of 2 scales exactly (FAB's margin loss has p = 1: its
             # gradient is the true one).
             wide = torch.float32 if z.device.type == "mps" else torch.float64  # mps has no float64
-            if loss_fn not in (_ce, _dlr, _dlr_targeted, _target_margin):  # pgd(loss=...): closures
+            if loss_fn not in _WIDE:  # pgd(loss=...): closures
                 wide = x.dtype  # may hold float32 tensors: x's precision (>= float32), as always
             zw = z.detach().to(wide).requires_grad_(True)
             l = loss_fn(zw, y, t)
@@ -244,6 +246,20 @@ def _target_margin(z, y, t):
     return z.gather(1, t[:, None])[:, 0] - z.gather(1, y[:, None])[:, 0]
 
 
+def _cw(z, y, kappa):
+    """Carlini-Wagner margin clamped as APT's CWLoss: -max(z_y - max_{i!=y} z_i + kappa (B,), 0)."""
+    return -(_margin(z, y) + kappa).clamp_min(0)
+
+
+def _kl(z, y, z_clean):
+    """TRADES' KL(softmax(z_clean) || softmax(z)) per point; z_clean (B, C) the clean logits."""
+    log_p = F.log_softmax(z_clean.to(z.dtype), 1)
+    return F.kl_div(F.log_softmax(z, 1), log_p, reduction="none", log_target=True).sum(1)
+
+
+_WIDE = (_ce, _dlr, _dlr_targeted, _target_margin, _cw, _kl)  # on a float64 copy of the logits
+
+
 # ----------------------------------------------------------------------------- FGSM and PGD
 
 def fgsm(model, x, y, eps):
@@ -290,6 +306,20 @@ def pgd(model, x, y, eps, alpha, steps, random_start=True, norm="linf", early_st
             or not 0 <= momentum < math.inf:
         raise ValueError(f"momentum must be a number >= 0 such as 0.9 (FARE's), got {momentum!r}")
     x_adv = _pgd_start(x0, eps, norm, random_start, seed, x_init)
+    return _ascend(model, x0, y, x_adv, eps, alpha, steps, loss_fn, norm, early_stop,
+                   momentum=momentum, check_labels=loss is None).to(x.dtype)
+
+
+def _ascend(model, x0, y, x_adv, eps, alpha, steps, loss_fn, norm="linf", early_stop=True, t=None,
+            momentum=0.0, z_clean=None, check_labels=True):
+    """pgd's loop, also cw's, tpgd's and transfer's: start x_adv (B, ...) -> x_adv (B, ...).
+
+    `steps` unit steps of size alpha up loss_fn(z, y, t), each projected onto the eps ball around
+    x0 and the box. t: the loss's per-point argument (B, ...), e.g. the clean logits of TRADES' KL;
+    None passes y. early_stop: a point leaves once the clean image (logits z_clean, computed when
+    None) or an iterate fools the model, keeping that image. check_labels (early_stop=False): check
+    y against the logits of the first step."""
+    t = y if t is None else t
     v = torch.zeros_like(x_adv)  # the momentum's velocity
 
     def step_along(g, v):  # -> (direction of the step, new velocity)
@@ -298,13 +328,14 @@ def pgd(model, x, y, eps, alpha, steps, random_start=True, norm="linf", early_st
 
     if not early_stop:
         for step in range(steps):
-            _, g, _ = _loss_grad(model, x_adv, y, loss_fn, labels=step == 0 and loss is None)
+            _, g, _ = _loss_grad(model, x_adv, y, loss_fn, t, labels=step == 0 and check_labels)
             d, v = step_along(g, v)
             x_adv = _project(x_adv + alpha * d, x0, eps, norm)
-        return x_adv.to(x.dtype)
+        return x_adv
     out = x0.clone()
-    i = (_clean_logits(model, x0, y).argmax(1) == y).nonzero()[:, 0]
-    x_nat, y, x_adv, v = x0[i], y[i], x_adv[i], v[i]
+    z_clean = _clean_logits(model, x0, y) if z_clean is None else z_clean
+    i = (z_clean.argmax(1) == y).nonzero()[:, 0]
+    x_nat, y, t, x_adv, v = x0[i], y[i], t[i], x_adv[i], v[i]
     g = torch.zeros_like(x_adv)
     for step in range(steps + 1):
         if not len(i):
@@ -313,17 +344,17 @@ def pgd(model, x, y, eps, alpha, steps, random_start=True, norm="linf", early_st
             with torch.no_grad():
                 z = model(x_adv)
         else:
-            _, g, z = _loss_grad(model, x_adv, y, _ce)
+            _, g, z = _loss_grad(model, x_adv, y, loss_fn, t)
         fooled = z.argmax(1) != y
         if fooled.any():
             out[i[fooled]] = x_adv[fooled]
             keep = ~fooled
-            i, x_nat, y, x_adv, g, v = i[keep], x_nat[keep], y[keep], x_adv[keep], g[keep], v[keep]
+            i, x_nat, y, t, x_adv, g, v = (u[keep] for u in (i, x_nat, y, t, x_adv, g, v))
         if step < steps:
             d, v = step_along(g, v)
             x_adv = _project(x_adv + alpha * d, x_nat, eps, norm)
     out[i] = x_adv
-    return out.to(x.dtype)
+    return out
 
 
 def _pgd_start(x, eps, norm, random_start, seed, x_init):
@@ -357,6 +388,154 @@ def _custom_loss(loss, early_stop):
                              f"got {shape}")
         return value
     return loss_fn
+
+
+# ----------------------------------------------------------------------------- CW, TPGD, transfer
+
+def _pgd_alpha(alpha, eps, x):
+    """A step size checked like eps; None -> eps / 4, the step of APT's CW and TPGD evaluations."""
+    alpha = eps / 4 if alpha is None else alpha
+    _check_radius("alpha", alpha, "linf", x)
+    return alpha
+
+
+def cw(model, x, y, eps, alpha=None, steps=100, kappa=0.0, random_start=False, early_stop=True,
+       seed=None):
+    """PGD on the Carlini-Wagner margin (L-inf): images (B, ...), labels (B,) -> x_adv (B, ...).
+
+    Carlini & Wagner 2017's margin as APT (Li et al. 2024, TreeLLi/APT apt/evaluate.py, CWLoss and
+    its pgd) ascends it beside PGD-CE: loss = -max(z_y - max_{i!=y} z_i + kappa, 0), signed steps,
+    no random start. The clamp makes a point's gradient 0 once max_{i!=y} z_i >= z_y + kappa.
+    (torchattacks.CWLinf is another attack: Adam on tanh-space variables, no eps ball.)
+    Arguments:
+        model: callable images (B, ...) -> logits (B, C). x: images in [0,1]. y: classes (B,).
+        eps: L-inf radius in pixel units, e.g. 1/255.
+        alpha (None): step size; None is eps / 4, APT's. steps (100): APT's.
+        kappa (0.0): the confidence, APT's default; >= 0.
+        random_start (False): start from a uniform point of the ball instead of x (APT: x).
+        early_stop (True): as pgd's (a point is broken once the clean image or any iterate fools
+            the model); False returns the last iterate of every point.
+        seed (None): seed of the random start; None draws it from torch's global RNG.
+    Usage: x_adv = cw(model, x, y, eps=4/255, alpha=1/255, steps=100)
+    """
+    x0, y = _prepare(x, y, eps)
+    alpha = _pgd_alpha(alpha, eps, x)
+    _check_count("steps", steps, 0)
+    if isinstance(kappa, bool) or not isinstance(kappa, numbers.Real) or not 0 <= kappa < math.inf:
+        raise ValueError(f"kappa must be a number >= 0 (the margin's confidence), got {kappa!r}")
+    x_adv = _pgd_start(x0, eps, "linf", random_start, seed, None)
+    kappa = torch.full((len(x0),), float(kappa), dtype=x0.dtype, device=x0.device)
+    return _ascend(model, x0, y, x_adv, eps, alpha, steps, _cw, "linf", early_stop,
+                   t=kappa).to(x.dtype)
+
+
+def tpgd(model, x, y, eps, alpha=None, steps=100, early_stop=True, seed=None):
+    """TPGD, TRADES' attack: L-inf PGD on KL(softmax(clean) || softmax(adv)): (B, ...) -> (B, ...)
+
+    Zhang et al. 2019, "Theoretically Principled Trade-off between Robustness and Accuracy"; as
+    torchattacks.TPGD: start at x + 0.001 * N(0, 1) (here also projected onto the ball, which
+    torchattacks leaves to the first step), signed steps up the KL divergence of the model's
+    prediction from its clean one. The loss needs no labels; y is what robust accuracy (and early
+    stopping) is measured against. APT evaluates with torchattacks.TPGD(alpha=eps/4, steps=100).
+    Arguments:
+        model: callable images (B, ...) -> logits (B, C). x: images in [0,1]. y: classes (B,).
+        eps: L-inf radius in pixel units. alpha (None): step size; None is eps / 4, APT's.
+        steps (100): APT's (torchattacks' default is 7).
+        early_stop (True): as pgd's; False returns the last iterate of every point.
+        seed (None): seed of the Gaussian start; None draws it from torch's global RNG.
+    Not a margin attack: it leaves some points a PGD-CE breaks. Its gradient is made of small
+    differences of logits near the clean image, which a model computing in fp16 rounds: there it
+    is weaker still (measured on the tests' confident toy classifier, 20 steps: PGD-CE broke the 20
+    breakable points of 40 in either precision, TPGD 15 in fp32 and 13 in fp16).
+    Usage: x_adv = tpgd(model, x, y, eps=4/255, alpha=1/255, steps=100)
+    """
+    x0, y = _prepare(x, y, eps)
+    alpha = _pgd_alpha(alpha, eps, x)
+    _check_count("steps", steps, 0)
+    z_clean = _clean_logits(model, x0, y)
+    gen = _generator(seed, x.device)
+    noise = torch.randn(x0.shape, generator=gen, device=x.device, dtype=x0.dtype)
+    x_adv = _project(x0 + 0.001 * noise, x0, eps, "linf")
+    return _ascend(model, x0, y, x_adv, eps, alpha, steps, _kl, "linf", early_stop, t=z_clean,
+                   z_clean=z_clean, check_labels=False).to(x.dtype)
+
+
+def diverse_inputs(x, p, gen=None, resize_rate=0.9):
+    """DI-FGSM's input diversity: images (B, C, S, S) -> resized, zero-padded back (probability p)
+
+    Xie et al. 2019, "Improving Transferability of Adversarial Examples with Input Diversity", as
+    torchattacks.DIFGSM draws it (its defaults resize_rate 0.9, diversity_prob 0.5, which the
+    baselines' `di` attack uses: xinwong/Multimodal-Adversarial-Prompt-Tuning, trainers/advvpt.py
+    before_adv_test): one draw per call for the whole batch, a side rnd uniform
+    in [floor(resize_rate * S), S - 1], a bilinear resize (align_corners=False, no antialiasing)
+    to rnd x rnd, then S - rnd zero rows and columns, top uniform in [0, S - rnd - 1] and left
+    likewise, the rest at the bottom and right. Xie et al. enlarge instead (299 -> [299, 330),
+    padded to 330), which changes the size: CLIP's encoders take one size.
+    """
+    _check_diversity(x, p, resize_rate)
+
+    def draw(low, high):  # an integer uniform in [low, high)
+        return int(torch.randint(low, high, (), generator=gen, device=x.device))
+
+    if p == 0 or torch.rand((), generator=gen, device=x.device) >= p:
+        return x
+    s = x.shape[-1]
+    rnd = draw(int(s * resize_rate), s)
+    top, left = draw(0, s - rnd), draw(0, s - rnd)
+    resized = F.interpolate(x, size=(rnd, rnd), mode="bilinear", align_corners=False)
+    return F.pad(resized, (left, s - rnd - left, top, s - rnd - top), value=0)
+
+
+def _check_diversity(x, p, resize_rate=0.9):
+    """Refuse a DI probability outside [0, 1], a resize_rate outside (0, 1), or images that are not
+    square (B, C, S, S) with at least one pixel left after the resize."""
+    if not isinstance(p, numbers.Real) or isinstance(p, bool) or not 0 <= p <= 1:
+        raise ValueError(f"the input diversity probability must be in [0, 1], got {p!r}")
+    if not isinstance(resize_rate, numbers.Real) or not 0 < resize_rate < 1:
+        raise ValueError(f"resize_rate must be in (0, 1) (shrink, then pad back), "
+                         f"got {resize_rate!r}")
+    if p and (x.dim() != 4 or x.shape[-1] != x.shape[-2] or int(x.shape[-1] * resize_rate) < 1):
+        raise ValueError(f"input diversity needs square images (B, C, S, S) that keep a pixel at "
+                         f"resize_rate {resize_rate}, got {tuple(x.shape)}")
+
+
+def transfer(model, x, y, eps, surrogate, alpha=1 / 255, steps=100, diversity=0.0, seed=None):
+    """Transfer attack: I-FGSM (DI-FGSM) on a surrogate: (B, C, H, W), (B,) -> (B, C, H, W)
+
+    Kurakin et al. 2017's iterative FGSM (from x, `steps` signed steps of alpha up the surrogate's
+    cross-entropy, projected onto the ball and box) with Xie et al. 2019's input diversity
+    (diverse_inputs) with probability `diversity` at each step: torchattacks.DIFGSM with decay 0
+    (no momentum), the baselines' `di` attack (see diverse_inputs), run on a surrogate. `model`
+    is only asked for its number of classes: every point gets every step on the surrogate, and the
+    crafted images do not depend on the model (one crafting serves every model: evaluate.py
+    --save-adv), which sees only them, as a black-box model would. So a point the model gets wrong
+    on the clean image gets a crafted image too, which may happen to fool it less: count a point
+    broken where the model is wrong on either image to keep robust <= clean accuracy point by
+    point, as the other attacks do (evaluate.py --pgd-score any), or on the crafted one alone
+    (--pgd-score last, the baselines' scoring).
+    Arguments:
+        model: the target, callable images -> logits (B, C). surrogate: callable images -> logits
+            (B, C) of the same classes in the same order (refused otherwise).
+        eps: L-inf radius in pixel units. alpha (1/255), steps (100): the baselines' test attack.
+        diversity (0.0): the probability p of DI's transform (torchattacks' default 0.5); 0 is
+            plain I-FGSM.
+        seed (None): seed of DI's draws; None draws them from torch's global RNG.
+    Usage: x_adv = transfer(target, x, y, eps=4/255, surrogate=zero_shot, diversity=0.5, seed=0)
+    """
+    x0, y = _prepare(x, y, eps)
+    _check_radius("alpha", alpha, "linf", x)
+    _check_count("steps", steps, 0)
+    _check_diversity(x0, diversity)
+    classes = _clean_logits(model, x0, y).shape[1]
+    with torch.no_grad():
+        theirs = surrogate(x0).shape[1]
+    if theirs != classes:
+        raise ValueError(f"the surrogate gives {theirs} logits, the model {classes}: a transfer "
+                         "attack needs a surrogate of the same classes")
+    gen = _generator(seed, x.device)
+    crafter = surrogate if not diversity else lambda v: surrogate(diverse_inputs(v, diversity, gen))
+    return _ascend(crafter, x0, y, x0, eps, alpha, steps, _ce, "linf", early_stop=False,
+                   check_labels=False).to(x.dtype)
 
 
 # ----------------------------------------------------------------------------- APGD

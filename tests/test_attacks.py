@@ -40,6 +40,12 @@ ATTACKS = {
     "pgd": (lambda m, x, y, e: A.pgd(m, x, y, e, e / 4, 10, seed=0), "linf"),
     "pgd-plain": (lambda m, x, y, e: A.pgd(m, x, y, e, e / 4, 10, early_stop=False), "linf"),
     "pgd-l2": (lambda m, x, y, e: A.pgd(m, x, y, 0.5, 0.1, 10, norm="l2", seed=0), "l2"),
+    "cw": (lambda m, x, y, e: A.cw(m, x, y, e, e / 4, 10), "linf"),
+    "cw-plain": (lambda m, x, y, e: A.cw(m, x, y, e, e / 4, 10, kappa=1.0, random_start=True,
+                                         early_stop=False, seed=0), "linf"),
+    "tpgd": (lambda m, x, y, e: A.tpgd(m, x, y, e, e / 4, 10, seed=0), "linf"),
+    "transfer": (lambda m, x, y, e: A.transfer(m, x, y, e, m, e / 4, 10, diversity=0.5, seed=0),
+                 "linf"),  # the model as its own surrogate: DI-FGSM on it
     "apgd-ce": (lambda m, x, y, e: A.apgd(m, x, y, e, steps=10, restarts=2), "linf"),
     "apgd-dlr": (lambda m, x, y, e: A.apgd(m, x, y, e, steps=10, loss="dlr", eot=2), "linf"),
     "apgd-l2": (lambda m, x, y, e: A.apgd(m, x, y, 0.5, steps=10, norm="l2"), "l2"),
@@ -73,7 +79,8 @@ def test_invariants(name, dtype):
     assert torch.equal(x, x_before) and torch.equal(y, y_before)  # inputs left alone
     with torch.no_grad():
         wrong_before, wrong_after = model(x).argmax(1) != y, model(x_adv).argmax(1) != y
-    assert wrong_after[wrong_before].all()  # robust accuracy <= clean accuracy, point by point
+    if name != "transfer":  # transfer hands clean errors a crafted image too (its docstring)
+        assert wrong_after[wrong_before].all()  # robust accuracy <= clean accuracy, point by point
     if name != "fgsm":
         assert wrong_after.sum() > wrong_before.sum()  # a random net at 8/255 breaks somewhere
 
@@ -114,6 +121,7 @@ LINEAR = {
     "pgd-plain": lambda m, x, y, e, norm: A.pgd(m, x, y, e, e / 10, 30, norm=norm,
                                                  early_stop=False, seed=0),
     "apgd-ce": lambda m, x, y, e, norm: A.apgd(m, x, y, e, steps=30, norm=norm),
+    "cw": lambda m, x, y, e, norm: A.cw(m, x, y, e, e / 10, 30),
     "apgd-dlr": lambda m, x, y, e, norm: A.apgd(m, x, y, e, steps=30, loss="dlr", norm=norm),
     "apgd-t": lambda m, x, y, e, norm: A.apgd_targeted(m, x, y, e, steps=30, norm=norm),
     "aa": lambda m, x, y, e, norm: A.autoattack(m, x, y, e, steps=30, queries=50),
@@ -123,8 +131,8 @@ LINEAR = {
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 @pytest.mark.parametrize("name", LINEAR)
 def test_linear_model_breaks_exactly_the_points_below_eps(name, norm):
-    if name == "aa" and norm == "l2":
-        pytest.skip("autoattack is L-inf only")
+    if name in ("aa", "cw") and norm == "l2":
+        pytest.skip(f"{name} is L-inf only")
     model, x, y, d_min = linear_model(norm)
     eps = d_min.median().item()  # half the points can be broken
     x_adv = LINEAR[name](model, x, y, eps, norm)
@@ -215,6 +223,8 @@ def cosine_classifier(n=40, seed=0, eps=16 / 255):
 PRECISION_RUNS = {
     "pgd": lambda m, x, y, e: A.pgd(m, x, y, e, 2 / 255, 20, seed=0),
     "pgd-plain": lambda m, x, y, e: A.pgd(m, x, y, e, 2 / 255, 20, early_stop=False, seed=0),
+    "cw": lambda m, x, y, e: A.cw(m, x, y, e, 2 / 255, 20),
+    "transfer": lambda m, x, y, e: A.transfer(m, x, y, e, m, 2 / 255, 20),  # DI-FGSM on the model itself
     "apgd-ce": lambda m, x, y, e: A.apgd(m, x, y, e, steps=20),
     "apgd-t": lambda m, x, y, e: A.apgd_targeted(m, x, y, e, steps=20),
     "aa": lambda m, x, y, e: A.autoattack(m, x, y, e, steps=20, queries=100),
@@ -365,7 +375,7 @@ def test_zero_gradient_model_does_not_crash(name, model):
     assert x_adv.min() >= 0 and x_adv.max() <= 1
 
 
-@pytest.mark.parametrize("name", [n for n in ATTACKS if n not in ("fgsm", "pgd-plain")])
+@pytest.mark.parametrize("name", [n for n in ATTACKS if n not in ("fgsm", "pgd-plain", "cw-plain", "transfer")])
 def test_model_wrong_everywhere_costs_one_forward_pass(name):
     model = Counting(tiny_cnn())
     x = images(8)
@@ -434,7 +444,7 @@ def test_pgd_momentum_is_fares_rule():
         assert (model(stopped[fooled]).argmax(1) != y[fooled]).all()
 
 
-@pytest.mark.parametrize("name", ["pgd", "pgd-plain", "apgd-ce", "apgd-t", "square"])
+@pytest.mark.parametrize("name", ["pgd", "pgd-plain", "cw", "tpgd", "apgd-ce", "apgd-t", "square"])
 def test_first_fooling_iterate_is_kept_and_ends_the_attack(name):
     net, x = tiny_cnn(), images(8)
     with torch.no_grad():
@@ -488,7 +498,7 @@ def test_pgd_seed_none_uses_the_global_rng():
 
 # ----------------------------------------------------------------------------- determinism
 
-@pytest.mark.parametrize("name", ["pgd", "apgd-ce", "apgd-t", "square", "aa"])
+@pytest.mark.parametrize("name", ["pgd", "cw-plain", "tpgd", "transfer", "apgd-ce", "apgd-t", "square", "aa"])
 def test_same_seed_same_output(name):
     attack = ATTACKS[name][0]
     model, x = tiny_cnn(), images()
@@ -501,7 +511,10 @@ def test_seed_changes_the_random_start():
     y = labels_mostly_right(model, x)
     a, b = (A.apgd(model, x, y, 1 / 255, steps=5, seed=s) for s in (0, 1))
     c, d = (A.square(model, x, y, 1 / 255, queries=5, seed=s) for s in (0, 1))
-    assert not torch.equal(a, b) and not torch.equal(c, d)
+    e, f = (A.tpgd(model, x, y, 1 / 255, steps=2, early_stop=False, seed=s) for s in (0, 1))
+    g, h = (A.transfer(model, x, y, 1 / 255, model, steps=10, diversity=0.5, seed=s) for s in (0, 1))
+    assert not torch.equal(a, b) and not torch.equal(c, d) and not torch.equal(e, f)
+    assert not torch.equal(g, h)
 
 
 # ----------------------------------------------------------------------------- APGD schedule
@@ -555,6 +568,9 @@ def _one_line(e):
 ENTRIES = {
     "fgsm": lambda m, x, y, e: A.fgsm(m, x, y, e),
     "pgd": lambda m, x, y, e: A.pgd(m, x, y, e, 1 / 255, 1),
+    "cw": lambda m, x, y, e: A.cw(m, x, y, e, steps=1),
+    "tpgd": lambda m, x, y, e: A.tpgd(m, x, y, e, steps=1),
+    "transfer": lambda m, x, y, e: A.transfer(m, x, y, e, m, steps=1),
     "apgd": lambda m, x, y, e: A.apgd(m, x, y, e, steps=1),
     "apgd_targeted": lambda m, x, y, e: A.apgd_targeted(m, x, y, e, steps=1),
     "fab_targeted": lambda m, x, y, e: A.fab_targeted(m, x, y, e, steps=1),
@@ -661,6 +677,16 @@ def test_l2_radius_is_bounded_by_the_box_diagonal():
      "momentum must be a number >= 0 such as 0.9 (FARE's), got -0.5"),
     (lambda m, x, y: A.pgd(m, x, y, EPS, EPS, 1, momentum="0.9"),
      "momentum must be a number >= 0 such as 0.9 (FARE's), got '0.9'"),
+    (lambda m, x, y: A.cw(m, x, y, EPS, kappa=-1), "kappa must be a number >= 0"),
+    (lambda m, x, y: A.cw(m, x, y, EPS, alpha=2), "alpha=2 is larger than the whole [0,1] pixel range"),
+    (lambda m, x, y: A.cw(m, x, y, EPS, steps=-1), "steps must be an integer >= 0, got -1"),
+    (lambda m, x, y: A.tpgd(m, x, y, EPS, alpha=-0.1), "alpha=-0.1 must be >= 0"),
+    (lambda m, x, y: A.tpgd(m, x, y, EPS, steps=1.5), "steps must be an integer >= 0, got 1.5"),
+    (lambda m, x, y: A.transfer(m, x, y, EPS, m, diversity=1.5),
+     "the input diversity probability must be in [0, 1], got 1.5"),
+    (lambda m, x, y: A.transfer(m, x, y, EPS, m, steps=-2), "steps must be an integer >= 0, got -2"),
+    (lambda m, x, y: A.transfer(m, x[..., :6], y, EPS, m, diversity=0.5),
+     "input diversity needs square images"),
 ])
 def test_bad_counts_are_one_line_errors(call, message):
     model, x = tiny_cnn(), images(4)
@@ -739,3 +765,245 @@ def test_pgd_custom_loss_argument_checks():
     with pytest.raises(ValueError) as e:
         A.pgd(model, x, y, EPS, EPS, 1, early_stop=False, loss=lambda z, t: ce(z, t).sum())
     assert "one loss per image, shape (4,), got ()" in _one_line(e)
+
+
+# ----------------------------------------------------------------------------- CW, TPGD, transfer
+
+def one_hot_margin(z, y):
+    """APT's CWLoss spelling of z_y - max_{j!=y} z_j: the other classes' max with y's logit pushed down
+    by 10000 (TreeLLi/APT apt/evaluate.py)."""
+    onehot = F.one_hot(y, z.shape[1]).to(z.dtype)
+    return (onehot * z).sum(1) - ((1 - onehot) * z - onehot * 10000).amax(1)
+
+
+def test_cw_and_kl_gradients_are_their_closed_forms():
+    """d/dz of APT's clamped margin is e_j* - e_y where z_y - z_j* + kappa > 0, else 0; d/dz of
+    KL(p || softmax(z)) is softmax(z) - p. Through a model, _loss_grad steps along the autograd
+    gradient of the same losses written directly."""
+    g = torch.Generator().manual_seed(0)
+    z = 3 * torch.randn(200, C, generator=g, dtype=torch.float64)
+    y = torch.randint(0, C, (200,), generator=g)
+    y[::2] = z[::2].argmax(1)  # half of the points right
+    for kappa in (0.0, 2.0):
+        k = torch.full((200,), kappa, dtype=torch.float64)
+        v = z.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(A._cw(v, y, k).sum(), v)
+        margin = one_hot_margin(z, y)
+        active = margin + kappa > 0
+        j = z.masked_fill(F.one_hot(y, C).bool(), float("-inf")).argmax(1)
+        expected = torch.zeros_like(z)
+        expected[active, j[active]], expected[active, y[active]] = 1.0, -1.0
+        assert 30 < int(active.sum()) < 170  # both sides of the clamp
+        assert torch.equal(grad, expected)
+        assert torch.allclose(A._cw(z, y, k), -(margin + kappa).clamp(min=0))
+    z_clean = 3 * torch.randn(200, C, generator=g, dtype=torch.float64)
+    v = z.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(A._kl(v, y, z_clean).sum(), v)
+    p, q = F.softmax(z_clean, 1), F.softmax(z, 1)
+    assert torch.allclose(grad, q - p, atol=1e-12)
+    assert torch.allclose(A._kl(z, y, z_clean), (p * (p.log() - q.log())).sum(1), atol=1e-12)
+    assert A._kl(z_clean, y, z_clean).abs().max() < 1e-12
+    # through a model: the step direction is the direct formulas' autograd gradient's
+    model, x = tiny_cnn(), images()
+    y = labels_mostly_right(model, x)
+    with torch.no_grad():
+        clean = model(images(seed=1))
+    kappa = torch.full((len(x),), 1.0)
+    direct = {A._cw: lambda z: -(one_hot_margin(z, y) + 1.0).clamp(min=0),
+              A._kl: lambda z: F.kl_div(F.log_softmax(z, 1), F.softmax(clean, 1), reduction="none").sum(1)}
+    for loss_fn, t in ((A._cw, kappa), (A._kl, clean)):
+        _, step, _ = A._loss_grad(model, x, y, loss_fn, t)
+        v = x.clone().requires_grad_(True)
+        (plain,) = torch.autograd.grad(direct[loss_fn](model(v)).sum(), v)
+        nz = plain != 0
+        assert nz.float().mean() > 0.5 and torch.equal(step.sign()[nz], plain.sign()[nz])
+        assert not step[~nz].any()
+
+
+def test_cw_is_apts_pgd_on_the_clamped_margin():
+    """APT's CW evaluation written out: from x, signed steps up -max(z_y - max_{j!=y} z_j + kappa, 0),
+    projected onto the ball and box. Early stopping leaves the points never fooled on that path;
+    kappa > 0 keeps pushing fooled points until their margin is below -kappa."""
+    model, x, y, d_min = linear_model()
+    eps = d_min.median().item()
+    alpha, steps, final = eps / 8, 12, {}
+    for kappa in (0.0, 20.0):
+        x_ref, fooled = x.clone(), torch.zeros(len(x), dtype=torch.bool)
+        for _ in range(steps):
+            x_ref.requires_grad_(True)
+            z = model(x_ref)
+            fooled |= z.argmax(1) != y
+            loss = -(one_hot_margin(z, y) + kappa).clamp(min=0)
+            (g,) = torch.autograd.grad(loss.sum(), x_ref)
+            x_ref = (x + (x_ref.detach() + alpha * g.sign() - x).clamp(-eps, eps)).clamp(0, 1)
+        fooled |= model(x_ref).argmax(1) != y
+        plain = A.cw(model, x, y, eps, alpha, steps, kappa=kappa, early_stop=False)
+        assert torch.allclose(plain, x_ref, rtol=0, atol=1e-12)
+        stopped = A.cw(model, x, y, eps, alpha, steps, kappa=kappa)
+        assert 10 < int(fooled.sum()) < len(x) - 10
+        assert torch.allclose(stopped[~fooled], x_ref[~fooled], rtol=0, atol=1e-12)
+        assert (model(stopped).argmax(1) != y)[fooled].all()
+        final[kappa] = one_hot_margin(model(plain), y)
+    both = (final[0.0] < 0) & (final[20.0] < 0)
+    assert both.sum() > 10 and (final[20.0][both] < final[0.0][both]).all()
+    assert (final[0.0][both] > -10).all()  # kappa 0: the gradient stops right past the boundary
+    assert torch.equal(A.cw(model, x, y, eps, steps=3, early_stop=False),
+                       A.cw(model, x, y, eps, eps / 4, 3, early_stop=False))  # alpha None: eps / 4, APT's
+
+
+def test_tpgd_is_torchattacks_loop():
+    """torchattacks.TPGD written out: start at x + 0.001 N(0, 1) (clamped to the box), then signed steps
+    up KLDivLoss(sum)(log_softmax(model(adv)), softmax(model(x))), projected onto the ball and box. Early
+    stopping leaves the points never fooled on that path; y is used only to score."""
+    model, x = tiny_cnn(dtype=torch.float64), images(dtype=torch.float64)
+    y = labels_mostly_right(model, x)
+    eps, alpha, steps = 16 / 255, 4 / 255, 6
+    gen = torch.Generator().manual_seed(3)
+    x_ref = (x + 0.001 * torch.randn(x.shape, generator=gen, dtype=x.dtype)).clamp(0, 1)
+    with torch.no_grad():
+        p_clean = F.softmax(model(x), 1)
+    fooled = model(x).argmax(1) != y
+    for _ in range(steps):
+        x_ref.requires_grad_(True)
+        logits = model(x_ref)
+        fooled |= logits.argmax(1) != y
+        cost = torch.nn.KLDivLoss(reduction="sum")(F.log_softmax(logits, 1), p_clean)
+        (g,) = torch.autograd.grad(cost, x_ref)
+        x_ref = (x + (x_ref.detach() + alpha * g.sign() - x).clamp(-eps, eps)).clamp(0, 1)
+    fooled |= model(x_ref).argmax(1) != y
+    plain = A.tpgd(model, x, y, eps, alpha, steps, early_stop=False, seed=3)
+    assert torch.allclose(plain, x_ref, rtol=0, atol=1e-12)
+    other = torch.randint(0, C, y.shape, generator=gen)
+    assert torch.equal(A.tpgd(model, x, other, eps, alpha, steps, early_stop=False, seed=3), plain)  # no labels
+    stopped = A.tpgd(model, x, y, eps, alpha, steps, seed=3)
+    assert 0 < int(fooled.sum()) < len(x)
+    assert torch.allclose(stopped[~fooled], x_ref[~fooled], rtol=0, atol=1e-12)
+    assert (model(stopped).argmax(1) != y)[fooled].all()
+    # the start is projected onto the ball (torchattacks leaves that to the first step)
+    tiny = 0.0005
+    start = A.tpgd(model, x, y, tiny, steps=0, early_stop=False, seed=3)
+    noise = 0.001 * torch.randn(x.shape, generator=torch.Generator().manual_seed(3), dtype=x.dtype)
+    assert (noise.abs() > tiny).float().mean() > 0.5
+    assert torch.allclose(start, (x + noise.clamp(-tiny, tiny)).clamp(0, 1), rtol=0, atol=1e-15)
+
+
+def ramp(n, s):
+    """Images (n, 3, s, s) whose pixels grow with the column, 0.25 to 0.75, the same in every row."""
+    return (0.25 + 0.5 * torch.arange(s, dtype=torch.float64) / (s - 1)).expand(n, 3, s, s).clone()
+
+
+def test_tpgd_breaks_only_breakable_points_and_is_weaker_than_pgd():
+    """TPGD ascends a divergence, not a margin: on the linear model it breaks only points within eps
+    and fewer than PGD-CE; on the confident cosine classifier, fewer in fp16 than in fp32 (tpgd's
+    docstring gives the counts)."""
+    model, x, y, d_min = linear_model()
+    eps = d_min.median().item()
+    broken = model(A.tpgd(model, x, y, eps, eps / 10, 30, seed=0)).argmax(1) != y
+    by_pgd = model(A.pgd(model, x, y, eps, eps / 10, 30, seed=0)).argmax(1) != y
+    assert not broken[d_min > eps * (1 + 1e-6)].any() and 5 < int(broken.sum()) < int(by_pgd.sum())
+    eps = 16 / 255
+    make, x, y, d_min = cosine_classifier(eps=eps)
+    broken = {dtype: make(dtype)(A.tpgd(make(dtype), x, y, eps, 2 / 255, 20, seed=0)).argmax(1) != y
+              for dtype in (torch.float32, torch.float16)}
+    assert not (broken[torch.float32] & (d_min > eps)).any()
+    assert 0 < int(broken[torch.float16].sum()) <= int(broken[torch.float32].sum()) < 20
+
+
+def test_diverse_inputs_is_a_random_shrink_and_zero_pad():
+    """With probability p: a bilinear resize (align_corners=False: output pixel k samples the input at
+    (k + 0.5) s / rnd - 0.5, clamped to the image) to rnd x rnd, rnd in [floor(0.9 s), s - 1], at a
+    random offset in an s x s frame of zeros; one draw for the whole batch."""
+    s = 40
+    x, gen = ramp(2, s), torch.Generator().manual_seed(0)
+    state = gen.get_state()
+    assert A.diverse_inputs(x, 0.0, gen) is x and torch.equal(gen.get_state(), state)  # p = 0: no draw
+    sizes, offsets, changed = set(), set(), 0
+    for _ in range(300):
+        out = A.diverse_inputs(x, 1.0, gen)
+        assert out.shape == x.shape and torch.equal(out[0], out[1])  # one draw per batch
+        rows, cols = (out[0, 0] != 0).any(1).nonzero()[:, 0], (out[0, 0] != 0).any(0).nonzero()[:, 0]
+        top, left, rnd = int(rows[0]), int(cols[0]), len(rows)
+        assert len(cols) == rnd and int(rows[-1]) == top + rnd - 1 and int(cols[-1]) == left + rnd - 1
+        around = out.clone()
+        around[..., top:top + rnd, left:left + rnd] = 0
+        assert not around.any()  # zeros around the block
+        src = ((torch.arange(rnd, dtype=torch.float64) + 0.5) * s / rnd - 0.5).clamp(0, s - 1)
+        expected = (0.25 + 0.5 * src / (s - 1)).expand(rnd, rnd)
+        assert torch.allclose(out[0, 0, top:top + rnd, left:left + rnd], expected, atol=1e-12)
+        sizes.add(rnd)
+        offsets.add((rnd, top, left))
+    assert sizes == {36, 37, 38, 39}  # [floor(0.9 * 40), 39]
+    assert {(r, t, l) for r in sizes for t in range(s - r) for l in range(s - r)} == offsets
+    for _ in range(400):
+        changed += not torch.equal(A.diverse_inputs(x, 0.5, gen), x)
+    assert 160 < changed < 240
+    v = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(A.diverse_inputs(v, 1.0, gen).sum(), v)
+    assert g.abs().sum() > 0  # differentiable: the surrogate's gradient reaches the image
+
+
+def linear(w):
+    """A linear classifier images (n, 3, s, s) -> logits (n, classes), weights w (classes, 3 s s) on v - 0.5."""
+    return lambda v: (v - 0.5).flatten(1) @ w.T
+
+
+def test_transfer_is_ifgsm_on_the_surrogate_and_scores_on_the_model():
+    """Crafted on a surrogate (linear, noisy weights of the true ones) by I-FGSM written out here, the
+    same images whatever the model; they break a model of similar weights far more than random signs
+    of the same size do, and one of unrelated weights hardly more; the model is asked once."""
+    g = torch.Generator().manual_seed(0)
+    true = torch.randn(C, 192, generator=g, dtype=torch.float64)
+    surrogate = linear(true + 0.5 * torch.randn(C, 192, generator=g, dtype=torch.float64))
+    near = linear(true + 0.5 * torch.randn(C, 192, generator=g, dtype=torch.float64))
+    far = linear(torch.randn(C, 192, generator=g, dtype=torch.float64))
+    x = 0.3 + 0.4 * torch.rand(300, 3, 8, 8, generator=g, dtype=torch.float64)
+    y = linear(true)(x).argmax(1)
+    eps, alpha, steps = 0.01, 0.0025, 10
+    x_ref = x.clone()
+    for _ in range(steps):
+        x_ref.requires_grad_(True)
+        (grad,) = torch.autograd.grad(F.cross_entropy(surrogate(x_ref), y, reduction="sum"), x_ref)
+        x_ref = (x + (x_ref.detach() + alpha * grad.sign() - x).clamp(-eps, eps)).clamp(0, 1)
+    counted = Counting(near)
+    x_adv = A.transfer(counted, x, y, eps, surrogate, alpha, steps)
+    assert counted.calls == 1 and torch.allclose(x_adv, x_ref, rtol=0, atol=1e-12)
+    assert torch.equal(A.transfer(far, x, y, eps, surrogate, alpha, steps), x_adv)
+    noise = (x + eps * torch.randint(0, 2, x.shape, generator=g).mul(2).sub(1)).clamp(0, 1)
+
+    def robust(model, v):  # right on the clean image and on v
+        return int(((model(x).argmax(1) == y) & (model(v).argmax(1) == y)).sum())
+
+    clean = robust(near, x)
+    assert robust(surrogate, x_adv) < 0.2 * robust(surrogate, x)
+    assert clean > 150 and robust(near, x_adv) < 0.4 * clean and robust(near, noise) > 0.9 * clean
+    assert robust(far, x) > 30 and robust(far, x_adv) > 0.8 * robust(far, x)
+    with pytest.raises(ValueError) as e:
+        A.transfer(near, x, y, eps, lambda v: surrogate(v)[:, :7], alpha, steps)
+    assert _one_line(e) == ("the surrogate gives 7 logits, the model 10: a transfer attack needs a "
+                            "surrogate of the same classes")
+
+
+def test_transfer_with_diverse_inputs_is_di_fgsm_written_out():
+    """DI-FGSM (torchattacks.DIFGSM, decay 0) written out with the draws diverse_inputs documents, in its
+    order, from a generator seeded with the seed: at each step a coin below p, then rnd, top and left."""
+    g = torch.Generator().manual_seed(1)
+    s, n, p = 32, 40, 0.5
+    surrogate = linear(torch.randn(C, 3 * s * s, generator=g, dtype=torch.float64))
+    x = 0.3 + 0.4 * torch.rand(n, 3, s, s, generator=g, dtype=torch.float64)
+    y = torch.randint(0, C, (n,), generator=g)
+    eps, alpha, steps = 0.03, 0.01, 8
+    draws, x_ref, resized = torch.Generator().manual_seed(7), x.clone(), 0
+    for _ in range(steps):
+        x_ref.requires_grad_(True)
+        v = x_ref
+        if torch.rand((), generator=draws) < p:
+            rnd = int(torch.randint(int(0.9 * s), s, (), generator=draws))
+            top, left = (int(torch.randint(0, s - rnd, (), generator=draws)) for _ in range(2))
+            v = F.pad(F.interpolate(v, size=(rnd, rnd), mode="bilinear", align_corners=False),
+                      (left, s - rnd - left, top, s - rnd - top))
+            resized += 1
+        (grad,) = torch.autograd.grad(F.cross_entropy(surrogate(v), y, reduction="sum"), x_ref)
+        x_ref = (x + (x_ref.detach() + alpha * grad.sign() - x).clamp(-eps, eps)).clamp(0, 1)
+    x_adv = A.transfer(surrogate, x, y, eps, surrogate, alpha, steps, diversity=p, seed=7)
+    assert 0 < resized < steps and torch.allclose(x_adv, x_ref, rtol=0, atol=1e-12)
+    assert not torch.equal(x_adv, A.transfer(surrogate, x, y, eps, surrogate, alpha, steps))
