@@ -44,8 +44,11 @@ import runtime
 import stats
 
 # apgd-ce+apgd-t: the reduced ensemble TeCoA / RobustVLM report as "AA"; it is not AutoAttack [C]
-ATTACKS = ("none", "pgd", "apgd-ce", "apgd-t", "apgd-ce+apgd-t", "fab-t", "square", "autoattack")
+ATTACKS = ("none", "pgd", "cw", "tpgd", "transfer", "apgd-ce", "apgd-t", "apgd-ce+apgd-t", "fab-t", "square",
+           "autoattack")
 PGD_SCORES = ("any", "last")  # any: AutoAttack's convention (Croce & Hein 2020); last: torchattacks.PGD's [B]
+SCORED = ("pgd", "cw", "tpgd", "transfer")  # the attacks --pgd-score scores
+TRANSFER_FLAGS = ("surrogate", "diverse_inputs", "save_adv")  # --attack transfer's own
 TABLE_MARK = "<!-- evaluate.py's table of"  # the first line of every .md evaluate.py writes
 
 
@@ -63,10 +66,25 @@ def parse_args(argv=None):
     p.add_argument("--dataset", nargs="+", default=None, help="one or more datasets (default: ImageNet + the paper's 9 "
                                                                "transfer datasets; every synthetic task for --arch toy)")
     p.add_argument("--data-root", default=None, help="where the datasets lie (default: $NAP_DATA, else ./data)")
-    p.add_argument("--attack", default="pgd", choices=ATTACKS, help="none: clean accuracy only")
+    p.add_argument("--attack", default="pgd", choices=ATTACKS,
+                   help="none: clean accuracy only; pgd: PGD-CE; cw: PGD on the CW margin and tpgd: PGD on TRADES' KL "
+                        "(both as APT evaluates); transfer: I-FGSM or DI-FGSM on --surrogate, scored on the model; the "
+                        "rest: AutoAttack's members and ensembles (attacks.py names each one's source)")
     p.add_argument("--pgd-score", default="any", choices=PGD_SCORES,
-                   help="any: a point is broken once any PGD iterate fools the model (AutoAttack's convention); "
-                        "last: only the last iterate counts (torchattacks.PGD, the baselines' code)")
+                   help="pgd, cw, tpgd: any: a point is broken once any iterate fools the model (AutoAttack's convention); "
+                        "last: only the last iterate counts (torchattacks.PGD, the baselines' code); transfer: any: "
+                        "broken if the clean or the crafted image fools the model; last: the crafted image alone")
+    p.add_argument("--surrogate", default=None, metavar="MODEL",
+                   help="--attack transfer: the model the images are crafted on: zeroshot (zero-shot CLIP on --arch, "
+                        "without --vision-weights, with the dataset's CoOp template whatever --template says) or a "
+                        "checkpoint.pt (default: zeroshot)")
+    p.add_argument("--diverse-inputs", type=float, default=0.0, metavar="P",
+                   help="--attack transfer: DI-FGSM's input diversity with probability P at each step (attacks."
+                        "diverse_inputs; 0.5 is torchattacks' and the baselines'); 0: plain I-FGSM")
+    p.add_argument("--save-adv", default=None, metavar="DIR",
+                   help="--attack transfer: keep the crafted images in DIR, one file per batch named by the hash of "
+                        "everything they depend on (surrogate, images, labels, seed, eps, steps, ...): a later run "
+                        "reuses them, for any model (float32, 0.6 MB per 224-px image)")
     p.add_argument("--eps", type=runtime.eps_arg, default=runtime.EVAL_EPS,
                    help="L-inf radius in pixels, e.g. 1/255 or 4/255 (default: 1/255, the paper's)")
     p.add_argument("--alpha", type=runtime.eps_arg, default=1 / 255, help="PGD step size (default: 1/255)")
@@ -86,8 +104,16 @@ def parse_args(argv=None):
         p.error(f"--method {args.method} needs --checkpoint: untrained prompts are no result (train.py writes one)")
     if args.checkpoint is None:
         args.method = "zeroshot"
-    if args.pgd_score != "any" and args.attack != "pgd":
-        p.error(f"--pgd-score {args.pgd_score} scores PGD; it needs --attack pgd (got --attack {args.attack})")
+    if args.pgd_score != "any" and args.attack not in SCORED:
+        p.error(f"--pgd-score {args.pgd_score} scores PGD; it needs --attack pgd, cw, tpgd or transfer "
+                f"(got --attack {args.attack})")
+    for flag in TRANSFER_FLAGS:
+        if args.attack != "transfer" and getattr(args, flag) not in (None, 0.0):
+            p.error(f"--{flag.replace('_', '-')} is --attack transfer's; drop it or add --attack transfer")
+    if args.attack == "transfer":
+        args.surrogate = args.surrogate or "zeroshot"
+    if not 0 <= args.diverse_inputs <= 1:
+        p.error(f"--diverse-inputs {args.diverse_inputs:g} is a probability; give one in [0, 1], e.g. 0.5")
     if args.out and os.path.splitext(args.out)[1].lower() == ".md":
         p.error(f"--out {args.out}: the results are JSON and the table is written beside them as .md; "
                 f"give a .json name such as {os.path.splitext(args.out)[0]}.json")
@@ -103,12 +129,18 @@ def parse_args(argv=None):
 
 # ---------------------------------------------------------------------- attacks
 
-def run_attack(fn, x, y, args, seed: int):
-    """-> (adversarial images, per-member counts or {}) for the chosen attack."""
-    a, eps = args.attack, args.eps
+def run_attack(fn, x, y, args, seed: int, craft=None):
+    """-> (adversarial images, per-member counts or {}) for the chosen attack; craft(x, y, seed): transfer's images."""
+    a, eps, any_iterate = args.attack, args.eps, args.pgd_score == "any"
     if a == "pgd":  # early_stop=False returns the last iterate, which evaluate_batch then scores
         return attacks.pgd(fn, x, y, eps, args.alpha, args.steps, random_start=True, seed=seed,
-                           early_stop=args.pgd_score == "any"), {}
+                           early_stop=any_iterate), {}
+    if a == "cw":  # APT's: from x, no random start
+        return attacks.cw(fn, x, y, eps, args.alpha, args.steps, seed=seed, early_stop=any_iterate), {}
+    if a == "tpgd":
+        return attacks.tpgd(fn, x, y, eps, args.alpha, args.steps, seed=seed, early_stop=any_iterate), {}
+    if a == "transfer":
+        return craft(x, y, seed), {}
     if a == "apgd-ce":
         return attacks.apgd(fn, x, y, eps, steps=args.steps, loss="ce", seed=seed), {}
     if a == "apgd-t":
@@ -125,16 +157,18 @@ def run_attack(fn, x, y, args, seed: int):
 PER_IMAGE = ("clean_correct", "robust_correct")  # a batch's per-image flags, beside its counts
 
 
-def evaluate_batch(fn, x, y, args, seed: int) -> dict:
+def evaluate_batch(fn, x, y, args, seed: int, craft=None) -> dict:
     """Images (B, 3, H, W), labels (B,) -> {'n', 'clean', 'robust', the ensembles' per-member counts,
-    'clean_correct', 'robust_correct' ('0'/'1' per image)}."""
+    'clean_correct', 'robust_correct' ('0'/'1' per image)}. craft: --attack transfer's crafting (crafter())."""
     with torch.no_grad():
-        right = fn(x).argmax(1) == y
-    counts = {"n": len(y), "clean": int(right.sum()), "clean_correct": stats.bits(right.tolist())}
+        clean = fn(x).argmax(1) == y
+    counts = {"n": len(y), "clean": int(clean.sum()), "clean_correct": stats.bits(clean.tolist())}
     if args.attack != "none":
-        x_adv, info = run_attack(fn, x, y, args, seed)
+        x_adv, info = run_attack(fn, x, y, args, seed, craft)
         with torch.no_grad():
             right = fn(x_adv).argmax(1) == y
+        if args.attack == "transfer" and args.pgd_score == "any":  # a clean error stays one, as the other attacks keep it
+            right &= clean
         counts.update(robust=int(right.sum()), robust_correct=stats.bits(right.tolist()))
         counts.update({k: v for k, v in info.items() if k not in ("clean", "robust")})
     return counts
@@ -143,15 +177,23 @@ def evaluate_batch(fn, x, y, args, seed: int) -> dict:
 # ---------------------------------------------------------------------- what a result depends on
 
 def settings(args) -> dict:
-    """The attack and evaluation settings a result depends on."""
+    """The attack and evaluation settings a result depends on (transfer's surrogate: its path, or zeroshot)."""
     keys = ("attack", "pgd_score", "eps", "alpha", "steps", "queries", "n_samples", "batch_size", "seed", "precision")
-    return {k: getattr(args, k) for k in keys}
+    out = {k: getattr(args, k) for k in keys}
+    if args.attack == "transfer":  # only then, so that every other result keeps its identity
+        out.update(surrogate=surrogate_id(args.surrogate), diverse_inputs=args.diverse_inputs)
+    return out
 
 
-def zero_shot_template(name: str, args) -> str:
-    """--template, else CoOp's template for the dataset [B], else 'a photo of a {}.'."""
-    if args.template:
-        return args.template
+def surrogate_id(surrogate: str) -> str:
+    """--surrogate as a result names it: zeroshot, or the checkpoint's absolute path."""
+    return surrogate if surrogate == "zeroshot" else os.path.abspath(surrogate)
+
+
+def zero_shot_template(name: str, template: str = None) -> str:
+    """template (--template), else CoOp's template for the dataset [B], else 'a photo of a {}.'."""
+    if template:
+        return template
     info = data.DATASETS.get(data.dataset_key(name))
     return info.template if info else "a photo of a {}."
 
@@ -204,9 +246,9 @@ def previous(results: dict, dataset: str, identity: dict, contents: dict, out: s
 
 # ---------------------------------------------------------------------- one dataset, sharded and resumable
 
-def evaluate_dataset(name, dataset, backbone, ckpt, args, world, device, partial_dir) -> dict:
+def evaluate_dataset(name, dataset, backbone, ckpt, args, world, device, partial_dir, surrogate=None) -> dict:
     """Clean/robust accuracy (percent, with n and 95% Wilson intervals) and per-image correctness on one
-    dataset; this process does its share, counts are summed exactly."""
+    dataset; this process does its share, counts are summed exactly. surrogate: load_surrogate()'s, for transfer."""
     start = time.time()
     dataset.transform = data.eval_transform(backbone.visual.input_resolution)
     indices = list(range(len(dataset)))
@@ -215,7 +257,7 @@ def evaluate_dataset(name, dataset, backbone, ckpt, args, world, device, partial
     batches = [indices[i:i + args.batch_size] for i in range(0, len(indices), args.batch_size)]
     mine = [b for b in range(len(batches)) if b % world.size == world.rank]
 
-    model = build_model(name, backbone, ckpt, dataset.classnames, args)
+    model = build_model(name, backbone, ckpt, dataset.classnames, args.template)
     model = model.to(device).eval().requires_grad_(False)  # attacks need input gradients only
     with runtime.autocast(device, args.precision):
         logits = model.logits_fn()  # text features once per dataset
@@ -224,6 +266,7 @@ def evaluate_dataset(name, dataset, backbone, ckpt, args, world, device, partial
         with runtime.autocast(device, args.precision):
             return logits(images).float()
 
+    craft = crafter(name, dataset.classnames, fn, surrogate, args, device) if surrogate else None
     todo = [b for b in mine if not os.path.exists(os.path.join(partial_dir, f"batch{b:06d}.json"))]
     if world.main and len(todo) < len(mine):
         print(f"{name}: reusing {len(mine) - len(todo)} of {len(mine)} batches from {partial_dir}")
@@ -231,10 +274,13 @@ def evaluate_dataset(name, dataset, backbone, ckpt, args, world, device, partial
                         batch_sampler=[range(b * args.batch_size, b * args.batch_size + len(batches[b])) for b in todo])
     bar = tqdm(zip(todo, loader), total=len(todo), desc=name, disable=not world.main, leave=False)
     for b, (x, y) in bar:
-        counts = evaluate_batch(fn, x.to(device, non_blocking=True), y.to(device), args, seed=args.seed + b)
+        counts = evaluate_batch(fn, x.to(device, non_blocking=True), y.to(device), args, seed=args.seed + b, craft=craft)
         runtime.write_json(counts, os.path.join(partial_dir, f"batch{b:06d}.json"))
         bar.set_postfix(clean=counts["clean"], robust=counts.get("robust", "-"))
 
+    if craft and args.save_adv and todo:
+        print(f"{name}: crafted images of {craft.read} of {len(todo)} batches read from {args.save_adv}, "
+              f"{len(todo) - craft.read} crafted and kept there")
     totals, flags = gather(mine, partial_dir, args, world, device)
     result = {**accuracy(totals, "clean"), **accuracy(totals, "robust"), "attack": args.attack,
               "pgd_score": args.pgd_score, "eps": args.eps, "steps": args.steps, "n_samples": totals["n"],
@@ -276,17 +322,77 @@ def accuracy(totals: dict, key: str) -> dict:
     return {key: 100 * totals[key] / totals["n"], f"{key}_ci95": [round(100 * low, 2), round(100 * high, 2)]}
 
 
-def build_model(name, backbone, ckpt, classnames, args) -> nap.PromptedCLIP:
+def build_model(name, backbone, ckpt, classnames, template=None) -> nap.PromptedCLIP:
     """Zero-shot CLIP with the dataset's template, or the checkpoint's model on these classes.
 
-    Methods that learn no text (zeroshot, tecoa, fare) score with the zero-shot template; the others
-    keep the template they were trained with."""
+    Methods that learn no text (zeroshot, tecoa, fare) score with zero_shot_template(name, template); the
+    others keep the template they were trained with."""
     if ckpt is None:
-        cfg = nap.make_config("zeroshot", template=zero_shot_template(name, args))
+        cfg = nap.make_config("zeroshot", template=zero_shot_template(name, template))
         return nap.PromptedCLIP(backbone, classnames, cfg)
     zero_shot = ckpt["config"]["text_ctx"] == 0 and ckpt["config"]["vision_ctx"] == 0
-    template = zero_shot_template(name, args) if zero_shot else None
+    template = zero_shot_template(name, template) if zero_shot else None
     return nap.from_checkpoint(backbone, ckpt, classnames=classnames, transfer=True, template=template)
+
+
+def load_surrogate(args, arch, backbone, device) -> tuple:
+    """--attack transfer's surrogate -> (its checkpoint or None, its own backbone, what identifies its contents),
+    refusing one whose image size differs from the model's. The backbone is never the model's: a checkpoint that
+    fine-tunes the image encoder loads its weights into the backbone it is built on."""
+    if args.surrogate == "zeroshot":
+        ckpt, s_arch, s_vision = None, arch, None
+    else:
+        ckpt = nap.load_checkpoint(args.surrogate)
+        saved = ckpt.get("backbone", {})
+        s_arch, s_vision = ckpt.get("arch") or "ViT-B/16", saved.get("vision_weights")
+        runtime.check_backbone(saved, s_arch, s_vision)
+    s_backbone = runtime.load_backbone(s_arch, device, args.precision, s_vision)
+    size, theirs = backbone.visual.input_resolution, s_backbone.visual.input_resolution
+    if theirs != size:
+        raise ValueError(f"--surrogate {args.surrogate} takes {theirs}-px images, the model {size}-px ones: a transfer "
+                         f"attack needs a surrogate of the model's image size")
+    record = {"checkpoint_sha256": runtime.sha256_file(args.surrogate) if ckpt else None,
+              "backbone": runtime.backbone_record(s_arch, s_vision)}
+    return ckpt, s_backbone, record
+
+
+def crafter(name, classnames, fn, surrogate, args, device):
+    """--attack transfer's crafting: craft(x, y, seed) -> attacks.transfer's images from the surrogate on these classes,
+    read from --save-adv where a run kept them: one file per batch, named by the SHA256 of all they depend on (the
+    surrogate's contents, template and classes, eps, alpha, steps, DI, precision, seed, the images and labels).
+    craft.read counts the batches read."""
+    s_ckpt, s_backbone, record = surrogate
+    model = build_model(name, s_backbone, s_ckpt, classnames).to(device).eval().requires_grad_(False)  # no --template
+    with runtime.autocast(device, args.precision):
+        logits = model.logits_fn()
+
+    def sfn(images):
+        with runtime.autocast(device, args.precision):
+            return logits(images).float()
+
+    recipe = {"surrogate": record, "template": model.cfg.template, "classnames": list(classnames),
+              **{k: getattr(args, k) for k in ("eps", "alpha", "steps", "diverse_inputs", "precision")}}
+
+    def craft(x, y, seed):
+        path = None
+        if args.save_adv:
+            digest = hashlib.sha256(json.dumps({**recipe, "seed": seed}, sort_keys=True).encode())
+            for t in (x, y):
+                digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+            path = os.path.join(args.save_adv, f"{digest.hexdigest()[:32]}.pt")
+            if os.path.exists(path):
+                craft.read += 1
+                try:
+                    return torch.load(path, map_location=x.device, weights_only=True)["images"]
+                except Exception as e:
+                    raise ValueError(f"{path} (--save-adv) cannot be read ({type(e).__name__}); remove it and it is "
+                                     f"crafted again") from None
+        x_adv = attacks.transfer(fn, x, y, args.eps, sfn, args.alpha, args.steps, args.diverse_inputs, seed)
+        if path:
+            nap.atomic_save({"images": x_adv.cpu(), "crafted": {**recipe, "seed": seed}}, path)
+        return x_adv
+    craft.read = 0
+    return craft
 
 
 def open_partial(partial_dir: str, stamp: dict, world):
@@ -379,10 +485,19 @@ def load_model_checkpoint(args):
 # ---------------------------------------------------------------------- main
 
 def default_out(name: str, args) -> str:
-    """runs/eval-<name>-<attack>[-last]-<eps as n_255>.json"""
+    """runs/eval-<name>-<attack>[-from-<surrogate>[-di<P>]][-last]-<eps as n_255>.json"""
     eps = f"{args.eps * 255:.4g}".replace(".", "p") + "_255"
     scoring = "-last" if args.pgd_score == "last" else ""
-    return os.path.join("runs", f"eval-{name}-{args.attack}{scoring}-{eps}.json")
+    source = ""
+    if args.attack == "transfer":
+        source = f"-from-{model_name(args.surrogate)}" + (f"-di{args.diverse_inputs:g}" if args.diverse_inputs else "")
+    return os.path.join("runs", f"eval-{name}-{args.attack}{source}{scoring}-{eps}.json")
+
+
+def model_name(checkpoint) -> str:
+    """A model's short name: its checkpoint's folder (runs/<name>/checkpoint.pt), else zeroshot."""
+    return os.path.basename(os.path.dirname(os.path.abspath(checkpoint))) if checkpoint not in (None, "zeroshot") \
+        else "zeroshot"
 
 
 def main(argv=None):
@@ -399,7 +514,7 @@ def main(argv=None):
     if args.dataset is None:
         import synthetic
         args.dataset = list(synthetic.TASKS) if arch == "toy" else list(data.PAPER_EVAL)
-    name = os.path.basename(os.path.dirname(os.path.abspath(args.checkpoint))) if ckpt else args.method
+    name = model_name(args.checkpoint)
     args.out = args.out or default_out(name, args)
     with contextlib.ExitStack() as held:
         if world.main:  # before any work: the user's files are refused, never overwritten
@@ -417,10 +532,13 @@ def evaluate_all(args, ckpt, arch, vision, results, world, device) -> dict:
     """Every --dataset not already in results (reused when nothing changed) -> results, written to --out after each."""
     datasets = {d: data.build_dataset(d, args.data_root, "test") for d in args.dataset}  # fail fast
     backbone = runtime.load_backbone(arch, device, args.precision, vision)
+    surrogate = load_surrogate(args, arch, backbone, device) if args.attack == "transfer" else None
     model_id = {"checkpoint": os.path.abspath(args.checkpoint) if ckpt else None, "method": args.method,
                 "arch": arch, "vision_weights": os.path.abspath(vision) if vision else None}
     contents_model = {"checkpoint_sha256": runtime.sha256_file(args.checkpoint) if ckpt else None,
                       "backbone": runtime.backbone_record(arch, vision)}
+    if surrogate:
+        contents_model["surrogate"] = surrogate[2]
     for dataset in args.dataset:
         data_id = data_identity(dataset, args)
         identity = {"model": {**model_id, "template": args.template}, "settings": settings(args), "data": data_id}
@@ -429,7 +547,7 @@ def evaluate_all(args, ckpt, arch, vision, results, world, device) -> dict:
             continue
         partial_dir = partial_folder(args.out, dataset, data_id)
         open_partial(partial_dir, {"identity": identity, "contents": contents}, world)
-        result = evaluate_dataset(dataset, datasets[dataset], backbone, ckpt, args, world, device, partial_dir)
+        result = evaluate_dataset(dataset, datasets[dataset], backbone, ckpt, args, world, device, partial_dir, surrogate)
         result.update(checkpoint=args.checkpoint, arch=arch, identity=identity, contents=contents)
         if world.main:
             results[dataset] = result
@@ -455,7 +573,11 @@ def shown(result: dict, key: str) -> str:
 def write_table(path: str, name: str, shown_results: dict, args):
     """The markdown table of these results, under a line naming the model, attack, PGD's scoring and n; printed too."""
     scoring = f" (scored on {'any iterate' if args.pgd_score == 'any' else 'the last iterate'})" \
-        if args.attack == "pgd" else ""
+        if args.attack in ("pgd", "cw", "tpgd") else ""
+    if args.attack == "transfer":
+        di = f", diverse inputs p={args.diverse_inputs:g}" if args.diverse_inputs else ""
+        scored = "the clean or the crafted image" if args.pgd_score == "any" else "the crafted image alone"
+        scoring = f" from {model_name(args.surrogate)}{di} (scored on {scored})"
     ns = sorted({r["n_samples"] for r in shown_results.values()})
     n = f"{ns[0]}" if len(ns) == 1 else f"{ns[0]} to {ns[-1]}"
     header = (f"{name}, attack {args.attack}{scoring}, eps {args.eps * 255:.4g}/255, steps {args.steps}, "

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import attacks
 import data
 import evaluate
 import nap
@@ -154,6 +155,99 @@ def test_apgd_ce_plus_apgd_t_is_its_own_attack(varied_weights, tmp_path):
     assert "attack apgd-ce+apgd-t" in table and "autoattack" not in table.lower()
     assert "eval-zeroshot-apgd-ce+apgd-t-1_255.json" in evaluate.default_out("zeroshot", evaluate.parse_args(
         ["--attack", "apgd-ce+apgd-t"]))
+
+
+# ---------------------------------------------------------------------- cw, tpgd and transfer
+
+@pytest.mark.parametrize("attack", ["cw", "tpgd", "transfer"])
+def test_cw_tpgd_and_transfer_are_recorded_as_pgd_is(attack, varied_weights, tmp_path):
+    out = tmp_path / "e.json"
+    evaluate.main(["--arch", varied_weights, *VARIED, "--attack", attack, "--eps", "8/255", "--alpha", "2/255",
+                   "--out", str(out)])
+    r = json.loads(out.read_text())["synthetic-colour"]
+    n, images = r["n_samples"], r["images"]
+    clean, robust = flags(images["clean"]), flags(images["robust"])
+    assert r["attack"] == attack and n == 60 and len(robust) == 60 and r["robust"] == pytest.approx(100 * sum(robust) / n)
+    assert r["robust_ci95"] == pytest.approx([100 * v for v in stats.wilson(sum(robust), n)], abs=0.006)
+    assert all(c for c, a in zip(clean, robust) if a) and sum(robust) < sum(clean)  # broken somewhere, never fixed
+    extra = {"surrogate": "zeroshot", "diverse_inputs": 0.0} if attack == "transfer" else {}
+    assert {k: r["settings"].get(k) for k in ("attack", "surrogate", "diverse_inputs")} == \
+        {"attack": attack, "surrogate": None, "diverse_inputs": None, **extra}
+    table = (tmp_path / "e.md").read_text()
+    assert f"attack {attack}" in table and ("from zeroshot" in table) == (attack == "transfer")
+
+
+def hand_written_ifgsm(model, x, y, eps, alpha, steps):
+    """I-FGSM: from x, signed steps up the summed cross-entropy, projected onto the ball and box."""
+    x_adv = x.clone()
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        (g,) = torch.autograd.grad(F.cross_entropy(model(x_adv), y, reduction="sum"), x_adv)
+        x_adv = (x + (x_adv.detach() + alpha * g.sign() - x).clamp(-eps, eps)).clamp(0, 1)
+    return x_adv
+
+
+def test_transfer_scores_the_images_crafted_on_the_surrogate():
+    """--pgd-score last: right on the surrogate's I-FGSM images (written out here); any: right on the clean image too."""
+    torch.manual_seed(3)
+    model, surrogate = (torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 16), torch.nn.Tanh(),
+                                            torch.nn.Linear(16, 5)) for _ in range(2))
+    x, y = torch.rand(64, 3, 4, 4), torch.randint(0, 5, (64,))
+    eps, alpha, steps = 32 / 255, 8 / 255, 4
+    args = SimpleNamespace(attack="transfer", eps=eps, alpha=alpha, steps=steps, diverse_inputs=0.0, pgd_score="last")
+
+    def craft(images, labels, seed):
+        return attacks.transfer(model, images, labels, eps, surrogate, alpha, steps, seed=seed)
+
+    crafted = hand_written_ifgsm(surrogate, x, y, eps, alpha, steps)
+    with torch.no_grad():
+        right, clean = ((model(v).argmax(1) == y).tolist() for v in (crafted, x))
+    last = evaluate.evaluate_batch(model, x, y, args, seed=5, craft=craft)
+    any_ = evaluate.evaluate_batch(model, x, y, SimpleNamespace(**{**vars(args), "pgd_score": "any"}), seed=5,
+                                   craft=craft)
+    assert flags(last["robust_correct"]) == right and last["robust"] == sum(right)
+    assert flags(any_["robust_correct"]) == [a and b for a, b in zip(clean, right)]
+    assert 0 < any_["robust"] < last["robust"]  # some clean errors are right on their crafted image
+
+
+def test_save_adv_serves_another_model_and_is_keyed_by_contents(varied_weights, tmp_path, monkeypatch, capsys):
+    """Images crafted on zero-shot CLIP and kept in --save-adv are read back for another model (the same zero-shot
+    CLIP under another --template: the surrogate ignores --template) with the results of a fresh crafting; another
+    --diverse-inputs crafts anew; one --out holds one surrogate's results."""
+    common = ["--arch", varied_weights, *VARIED, "--attack", "transfer", "--eps", "8/255", "--alpha", "2/255"]
+    store, other = tmp_path / "adv", ["--template", "a blurry photo of a {}."]
+    evaluate.main([*common, "--save-adv", str(store), "--out", str(tmp_path / "a.json")])
+    kept = sorted(os.listdir(store))
+    assert len(kept) == 3 and "3 crafted and kept there" in capsys.readouterr().out  # one file per batch
+    evaluate.main([*common, *other, "--out", str(tmp_path / "fresh.json")])
+    real = attacks.transfer
+    monkeypatch.setattr(attacks, "transfer", lambda *a, **k: pytest.fail("crafted again"))
+    evaluate.main([*common, *other, "--save-adv", str(store), "--out", str(tmp_path / "b.json")])
+    assert "crafted images of 3 of 3 batches read from" in capsys.readouterr().out and sorted(os.listdir(store)) == kept
+    a, fresh, b = (json.loads((tmp_path / f"{s}.json").read_text())["synthetic-colour"] for s in ("a", "fresh", "b"))
+    assert b["images"] == fresh["images"] and b["clean"] != a["clean"]  # another model, the same crafted images
+    monkeypatch.setattr(attacks, "transfer", real)
+    evaluate.main([*common, "--diverse-inputs", "0.5", "--save-adv", str(store), "--out", str(tmp_path / "c.json")])
+    assert len(os.listdir(store)) == 6
+    with pytest.raises(ValueError, match="other settings.*diverse_inputs"):
+        evaluate.main([*common, "--diverse-inputs", "0.5", "--out", str(tmp_path / "a.json")])
+    assert "eval-zeroshot-transfer-from-zeroshot-di0.5-8_255.json" in evaluate.default_out(
+        "zeroshot", evaluate.parse_args(["--attack", "transfer", "--diverse-inputs", "0.5", "--eps", "8/255"]))
+
+
+def test_a_surrogate_of_another_image_size_is_refused(varied_weights, tmp_path):
+    torch.manual_seed(1)
+    big = str(tmp_path / "big.pt")
+    torch.save(CLIP(32, 64, *TINY[2:]).state_dict(), big)  # the tiny CLIP at 64 px
+    backbone = runtime.load_backbone(big, torch.device("cpu"))
+    names = data.build_dataset("synthetic-colour", split="test").classnames
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    nap.save_checkpoint(nap.PromptedCLIP(backbone, names, nap.make_config("advvpt", depth=1)), str(ckpt), arch=big,
+                        backbone=runtime.backbone_record(big))
+    r = cli("evaluate.py", "--arch", varied_weights, *VARIED, "--attack", "transfer", "--surrogate", str(ckpt),
+            "--out", str(tmp_path / "e.json"))
+    one_line_error(r, f"--surrogate {ckpt} takes 64-px images, the model 32-px ones")
+    assert not (tmp_path / "e.json").exists()
 
 
 # ---------------------------------------------------------------------- the user's files
