@@ -13,15 +13,39 @@ Four figures, each written only when its results exist:
 Every run is drawn in one colour, COLOURS[its method], in every figure; a run trained with another
 method's recipe family (`advmaple@nap`, `nap@baselines`) keeps its method's colour and is dashed or hatched.
 """
+import json
 import os
-import sys
 
-import matplotlib
+import cmdline
+import recipes
+
+
+def read_results(argv=None) -> tuple:
+    """python figures.py [FOLDER] -> (FOLDER, its results.json); a missing or foreign file is one line, exit status 2."""
+    p = cmdline.Parser(description="Redraw replicate.py's figures from its results.json.")
+    p.add_argument("folder", nargs="?", default="runs/replication", help="replicate.py's --out")
+    folder = p.parse_args(argv).folder
+    path = os.path.join(folder, "results.json")
+    try:
+        with open(path) as f:
+            results = json.load(f)
+    except FileNotFoundError:
+        cmdline.fail(f"{path} does not exist; run python replicate.py (--out {folder}) first, or name its folder")
+    except json.JSONDecodeError:
+        results = None
+    if not isinstance(results, dict) or not {"runs", "tasks", "eval_eps"} <= set(results):
+        cmdline.fail(f"{path} is not a results.json written by replicate.py; run python replicate.py again")
+    cmdline.check_writable(folder, folder=True, flag="FOLDER")
+    return folder, results
+
+
+if __name__ == "__main__":  # a missing or foreign results.json is refused here, before matplotlib loads
+    cmdline.run_cli(read_results)
+
+import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-
-import recipes  # noqa: E402
 
 COLOURS = {
     "zeroshot": "#7f7f7f",
@@ -205,30 +229,10 @@ def write_all(results: dict, out: str) -> list:
 
 
 def main(argv=None):
-    """python figures.py [FOLDER]: redraws the figures from FOLDER/results.json; a missing or bad file is one line."""
-    import argparse
-    import json
-    p = argparse.ArgumentParser(description="Redraw replicate.py's figures from its results.json.")
-    p.add_argument("folder", nargs="?", default="runs/replication", help="replicate.py's --out (default: %(default)s)")
-    folder = p.parse_args(argv).folder
-    path = os.path.join(folder, "results.json")
-    try:
-        with open(path) as f:
-            results = json.load(f)
-    except FileNotFoundError:
-        fail(f"{path} does not exist; run python replicate.py (--out {folder}) first, or name its folder")
-    except json.JSONDecodeError:
-        results = None
-    if not isinstance(results, dict) or not {"runs", "tasks", "eval_eps"} <= set(results):
-        fail(f"{path} is not a results.json written by replicate.py; run python replicate.py again")
+    """python figures.py [FOLDER]: redraws the figures from FOLDER/results.json and prints their paths."""
+    folder, results = read_results(argv)
     print("\n".join(write_all(results, folder)))
 
 
-def fail(message: str):
-    """One line on stderr and exit status 2, as the other CLIs."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
 if __name__ == "__main__":
-    main()
+    cmdline.run_cli(main)

@@ -48,12 +48,8 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import figures
-import nap
+import cmdline
 import recipes
-import runtime
-import stats
-import synthetic
 
 PROMPT_METHODS = ["advpt", "advvpt", "advvlp", "advmaple", "nap"]
 METHODS = ["zeroshot", *PROMPT_METHODS, "tecoa", "fare"]
@@ -66,8 +62,65 @@ VARIANTS = {  # NAP variants: train.py flags besides --recipe
 }
 SWEEP = ["0", "0.5/255", "1/255", "2/255", "4/255"]
 TASK = "synthetic"  # the training task; the others are zero-shot transfer targets
-TASKS = list(synthetic.TASKS)
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# ---------------------------------------------------------------------- flags, checked before torch loads
+
+def parse_args(argv=None):
+    p = cmdline.Parser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="runs/replication", help="runs, results, TABLE.md and the figures")
+    p.add_argument("--arch", default="toy", help="the backbone (toy, or a weights file)")
+    p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS, help="the comparison's methods")
+    p.add_argument("--recipes", nargs="+", default=FAMILIES, choices=FAMILIES,
+                   help="the recipe families every prompt method trains with")
+    p.add_argument("--seeds", type=int, default=1, help="train every run with seeds 1..N")
+    p.add_argument("--ablation", type=int, default=0, metavar="LAYERS",
+                   help="also NAP at depth 1..LAYERS with and without refiners (4 for the toy)")
+    p.add_argument("--transfer", action="store_true", help="also the transfer investigation (NAP's parts, one at a time)")
+    p.add_argument("--eval-eps", nargs="+", default=["1/255", "4/255"], help="evaluation radii; the first is the main one")
+    p.add_argument("--sweep-eps", nargs="+", default=SWEEP, help="radii of the eps sweep on the training task")
+    p.add_argument("--samples", type=int, default=200, help="PGD on a seeded subset of this size per task")
+    p.add_argument("--aa-samples", type=int, default=None,
+                   help="AutoAttack on a seeded subset of the training task (default: --samples, the same images; 0: none)")
+    p.add_argument("--jobs", type=int, default=2, help="trainings / evaluations at once, each with cores/jobs threads")
+    p.add_argument("--train-args", default="", help="extra train.py flags for every training, e.g. \"--epochs 50\" "
+                                                    "(after each run's own flags, so they win)")
+    p.add_argument("--eval-args", default="", help="extra evaluate.py flags, e.g. \"--steps 20\"")
+    args = p.parse_args(argv)
+    args.aa_samples = args.samples if args.aa_samples is None else args.aa_samples
+    for flag, low in (("samples", 1), ("aa_samples", 0), ("jobs", 1), ("ablation", 0), ("seeds", 1)):
+        if getattr(args, flag) < low:
+            p.error(f"--{flag.replace('_', '-')} must be >= {low}")
+    cmdline.check_inputs(arch=args.arch)
+    cmdline.check_writable(args.out, folder=True)
+    for flag in ("eval_eps", "sweep_eps"):  # a bad radius fails here, not after the training (reading one loads torch)
+        for eps in getattr(args, flag):
+            try:
+                cmdline.eps_arg(eps)
+            except argparse.ArgumentTypeError as e:
+                p.error(f"--{flag.replace('_', '-')}: {e}")
+    # a sweep radius equal to an evaluation radius reads that evaluation: spell it the same way
+    args.sweep_eps = [next((e for e in args.eval_eps if same_eps(e, s)), s) for s in args.sweep_eps]
+    args.seed_list = list(range(1, args.seeds + 1))
+    return args
+
+
+def same_eps(a: str, b: str) -> bool:
+    """Whether two spellings of a radius ('1/255', '0.00392156862745098') are the same number."""
+    return abs(cmdline.eps_arg(a) - cmdline.eps_arg(b)) < 1e-12
+
+
+if __name__ == "__main__":  # a bad flag, --arch or --out is refused here, before torch loads (which takes seconds)
+    cmdline.run_cli(parse_args)
+
+import figures  # noqa: E402  (the heavy imports follow the checks above)
+import nap  # noqa: E402
+import runtime  # noqa: E402
+import stats  # noqa: E402
+import synthetic  # noqa: E402
+
+TASKS = list(synthetic.TASKS)
 
 
 # ---------------------------------------------------------------------- runs: names, flags, folders
@@ -128,11 +181,6 @@ def run(args: list, log: str = None, env: dict = None) -> float:
 def tag(eps: str) -> str:
     """An eps as a file-name part: '1/255' -> '1_255'."""
     return eps.replace("/", "_")
-
-
-def same_eps(a: str, b: str) -> bool:
-    """Whether two spellings of a radius ('1/255', '0.00392156862745098') are the same number."""
-    return abs(runtime.eps_arg(a) - runtime.eps_arg(b)) < 1e-12
 
 
 def train_once(out: str, run_name: str, seed: int, arch: str, extra: list, runner) -> str:
@@ -566,43 +614,6 @@ def report(results: dict) -> str:
 
 # ---------------------------------------------------------------------- main
 
-def parse_args(argv=None):
-    p = runtime.Parser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="runs/replication", help="runs, results, TABLE.md and the figures")
-    p.add_argument("--arch", default="toy", help="the backbone (toy, or a weights file)")
-    p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS, help="the comparison's methods")
-    p.add_argument("--recipes", nargs="+", default=FAMILIES, choices=FAMILIES,
-                   help="the recipe families every prompt method trains with")
-    p.add_argument("--seeds", type=int, default=1, help="train every run with seeds 1..N")
-    p.add_argument("--ablation", type=int, default=0, metavar="LAYERS",
-                   help="also NAP at depth 1..LAYERS with and without refiners (4 for the toy)")
-    p.add_argument("--transfer", action="store_true", help="also the transfer investigation (NAP's parts, one at a time)")
-    p.add_argument("--eval-eps", nargs="+", default=["1/255", "4/255"], help="evaluation radii; the first is the main one")
-    p.add_argument("--sweep-eps", nargs="+", default=SWEEP, help="radii of the eps sweep on the training task")
-    p.add_argument("--samples", type=int, default=200, help="PGD on a seeded subset of this size per task")
-    p.add_argument("--aa-samples", type=int, default=None,
-                   help="AutoAttack on a seeded subset of the training task (default: --samples, the same images; 0: none)")
-    p.add_argument("--jobs", type=int, default=2, help="trainings / evaluations at once, each with cores/jobs threads")
-    p.add_argument("--train-args", default="", help="extra train.py flags for every training, e.g. \"--epochs 50\" "
-                                                    "(after each run's own flags, so they win)")
-    p.add_argument("--eval-args", default="", help="extra evaluate.py flags, e.g. \"--steps 20\"")
-    args = p.parse_args(argv)
-    for flag in ("eval_eps", "sweep_eps"):  # a bad radius fails here, not after the training
-        for eps in getattr(args, flag):
-            try:
-                runtime.eps_arg(eps)
-            except argparse.ArgumentTypeError as e:
-                p.error(f"--{flag.replace('_', '-')}: {e}")
-    # a sweep radius equal to an evaluation radius reads that evaluation: spell it the same way
-    args.sweep_eps = [next((e for e in args.eval_eps if same_eps(e, s)), s) for s in args.sweep_eps]
-    args.aa_samples = args.samples if args.aa_samples is None else args.aa_samples
-    for flag, low in (("samples", 1), ("aa_samples", 0), ("jobs", 1), ("ablation", 0), ("seeds", 1)):
-        if getattr(args, flag) < low:
-            p.error(f"--{flag.replace('_', '-')} must be >= {low}")
-    args.seed_list = list(range(1, args.seeds + 1))
-    return args
-
-
 def main(argv=None):
     args = parse_args(argv)
     start = time.time()
@@ -647,4 +658,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    runtime.run_cli(main)
+    cmdline.run_cli(main)

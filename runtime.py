@@ -5,14 +5,11 @@ as JSON plus a markdown table (accuracies with their intervals).
 Plain `python train.py` runs as a world of one; under `torchrun` the environment variables
 RANK / WORLD_SIZE / LOCAL_RANK select the process's share of the work.
 """
-import argparse
 import contextlib
-import errno
 import json
 import os
 import random
 import sys
-import traceback
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,96 +17,9 @@ import torch
 import torch.distributed as dist
 
 import clip
-
-
-
-class RunError(Exception):
-    """A condition of the run the user can act on (a NaN loss, a failed sub-command): one line, no traceback."""
-
-
-# What a user can cause: bad values, missing or unwritable files, a full disk. RuntimeError, KeyError,
-# TypeError and the rest are bugs and keep their traceback.
-USER_ERRORS = (ValueError, OSError, RunError)
-
-
-def fail(message: str, code: int = 2):
-    """Prints one clear line on stderr and exits (no traceback)."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(code)
-
-
-class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows each default, except where the help text already says it or there is none to show."""
-
-    def _get_help_string(self, action):
-        if action.default is None or "(default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line ('error: ... (see --help)') rather than usage + error; --help shows defaults."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, formatter_class=DefaultsFormatter, **kwargs)
-
-    def error(self, message):
-        fail(f"{message} (see {self.prog} --help)")
-
-
-def eps_arg(text: str) -> float:
-    """argparse type for --eps/--alpha: attacks.parse_eps with its message kept."""
-    import attacks
-    try:
-        return attacks.parse_eps(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def run_cli(main, interrupted: str = "interrupted; finished work is kept: run the same command again to resume"):
-    """Runs main(), turning the errors a user can cause into one line and exit status 2 (bugs keep their traceback)."""
-    try:
-        main()
-    except KeyboardInterrupt:
-        fail(interrupted, 130)
-    except torch.OutOfMemoryError:
-        traceback.print_exc()
-        fail("out of memory: try a smaller --batch-size (or --precision fp16 on a GPU)", 1)
-    except USER_ERRORS as e:
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            fail(f"no space left on the device{' writing ' + e.filename if e.filename else ''}; free some space "
-                 f"and run the same command again (finished work is kept)")
-        fail(one_line(e))
-
-
-def one_line(e: BaseException) -> str:
-    """An exception's message as one line (its first), or its type's name when it has none."""
-    text = str(e).strip()
-    if isinstance(e, OSError) and e.strerror and e.filename:
-        text = f"{e.filename}: {e.strerror}"
-    return text.splitlines()[0] if text else type(e).__name__
-
-
-def check_writable(path: str, folder: bool) -> str:
-    """Refuses an output path that cannot be written before any work starts; returns it.
-
-    folder=True: path is (or will be) a folder; folder=False: path is a file, its folder must be writable.
-    """
-    flag = "--out"
-    if folder and os.path.isfile(path):
-        raise ValueError(f"{flag} {path} is a file; give a folder (it will be created)")
-    if not folder and os.path.isdir(path):
-        raise ValueError(f"{flag} {path} is a folder; give a file name such as {os.path.join(path, 'results.json')}")
-    target = path if folder else os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(target, exist_ok=True)
-        probe = os.path.join(target, f".write-test-{os.getpid()}")
-        with open(probe, "w") as f:
-            f.write("x")
-        os.remove(probe)
-    except OSError as e:
-        raise ValueError(f"{flag} {path} cannot be written ({e.strerror or e}); choose another {flag}") from None
-    return path
+# The command lines' plumbing, which loads no torch (cmdline.py), under the names the code after parsing uses
+from cmdline import (USER_ERRORS, DefaultsFormatter, Parser, RunError, check_writable, default_arch,  # noqa: F401
+                     eps_arg, fail, one_line, run_cli)
 
 
 LOCK_TAG = "lock of a run writing"  # the first words of every lock file this module writes
@@ -250,11 +160,6 @@ def autocast(device: torch.device, precision: str):
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=DTYPES[precision])
-
-
-def default_arch(dataset: str) -> str:
-    """The toy CLIP for the synthetic tasks, ViT-B/16 (the paper's backbone) for everything else."""
-    return "toy" if dataset.startswith("synthetic") else "ViT-B/16"
 
 
 def backbone_file(arch: str):

@@ -8,7 +8,6 @@ The model is the same `clip.model.CLIP` (OpenAI's state_dict layout, real tokeni
 length 77), only narrow and shallow. `python toyclip.py` builds it and prints its zero-shot
 accuracy on every synthetic task.
 """
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -16,13 +15,30 @@ import math
 import os
 import time
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from tqdm import tqdm
+import cmdline
 
-import clip
-import synthetic
+
+def parse_args(argv=None):
+    p = cmdline.Parser(description="Build (or load) the toy CLIP and print its zero-shot accuracy.")
+    p.add_argument("--download-root", default=None, help="cache folder (default $CLIP_CACHE or ~/.cache/clip)")
+    p.add_argument("--rebuild", action="store_true", help="pretrain again even if a cached file exists")
+    p.add_argument("--device", default="cpu", type=cmdline.device_arg, help="cpu, cuda or cuda:N")
+    args = p.parse_args(argv)
+    if args.download_root:
+        cmdline.check_writable(args.download_root, folder=True, flag="--download-root")
+    return args
+
+
+if __name__ == "__main__":  # a bad flag or cache folder is refused here, before torch loads (which takes seconds)
+    cmdline.run_cli(parse_args)
+
+import numpy as np  # noqa: E402  (the heavy imports follow the checks above)
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import clip  # noqa: E402
+import synthetic  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -146,12 +162,8 @@ def zeroshot_accuracy(model, preprocess, task, split="test", template="a photo o
     return correct / len(data)
 
 
-def main():
-    parser = argparse.ArgumentParser(description="Build (or load) the toy CLIP and print its zero-shot accuracy.")
-    parser.add_argument("--download-root", default=None, help="cache folder (default $CLIP_CACHE or ~/.cache/clip)")
-    parser.add_argument("--rebuild", action="store_true", help="pretrain again even if a cached file exists")
-    parser.add_argument("--device", default="cpu")
-    args = parser.parse_args()
+def main(argv=None):
+    args = parse_args(argv)
     t0 = time.time()
     model, preprocess = load(args.device, args.download_root, args.rebuild)
     print(f"toy CLIP ready in {time.time() - t0:.0f} s")
@@ -161,4 +173,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cmdline.run_cli(main)

@@ -29,31 +29,25 @@ import math
 import os
 import time
 
-import torch
-import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
-
-import attacks
-import data
-import nap
+import cmdline
 import recipes
-import runtime
 
 LOSSES = ("adv", "half", "trades", "curriculum", "fare")
 STARTS = ("random", "clean")
 SCHEDULES = ("epoch", "step")
 # Flags that do not change the trained model or its schedule; every other one must match on --resume.
 RUN_ONLY = ("workers", "device", "out", "resume")
+METHODS = ("zeroshot", *recipes.METHOD_RECIPE)  # nap.PRESETS' names, read from recipes.py, which loads no torch
 
 
-class EpilogFormatter(runtime.DefaultsFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help as runtime.Parser's, with the epilog's lines kept as written."""
+# ---------------------------------------------------------------------- flags, checked before torch loads
+
+class EpilogFormatter(cmdline.DefaultsFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help as cmdline.Parser's, with the epilog's lines kept as written."""
 
 
 def parse_args(argv=None):
-    p = runtime.Parser(description=__doc__.split("\n")[0], epilog=recipe_epilog())
+    p = cmdline.Parser(description=__doc__.split("\n")[0], epilog=recipe_epilog())
     p.formatter_class = EpilogFormatter  # the epilog's one line per recipe kept
     p.add_argument("--dataset", default="synthetic", help="a dataset name (see data.py), synthetic[-task], or a folder of class folders")
     p.add_argument("--data-root", default=None, help="where the datasets lie (default: $NAP_DATA, else ./data)")
@@ -61,24 +55,27 @@ def parse_args(argv=None):
                                                 "(default: toy for synthetic data, else ViT-B/16)")
     p.add_argument("--vision-weights", default=None, metavar="FILE",
                    help="replace the image encoder with these weights (TeCoA, FARE, QT-AFT files, or a tecoa/fare checkpoint.pt)")
-    p.add_argument("--method", default="nap", choices=list(nap.PRESETS), help="a preset of nap.PRESETS")
+    p.add_argument("--method", default="nap", choices=METHODS, help="a preset of nap.PRESETS")
     p.add_argument("--recipe", default=None, choices=list(recipes.RECIPES),
                    help="train with this source's recipe (default: the method's own, recipes.METHOD_RECIPE; see below)")
     p.add_argument("--n-ctx", type=int, default=None, help="text and visual context length (default: the preset's)")
     p.add_argument("--depth", type=int, default=None, help="prompted layers J (default: the preset's, scaled to the backbone)")
-    p.add_argument("--coupling", default=None, choices=nap.COUPLINGS, help="(default: the preset's)")
-    p.add_argument("--refine", default=None, choices=nap.REFINE, help="TokenRefiners (default: the preset's)")
-    p.add_argument("--refiner-init", default=None, choices=nap.REFINER_INITS, help="(default: the preset's)")
+    p.add_argument("--coupling", default=None, choices=cmdline.Later("nap", "COUPLINGS"), metavar="COUPLING",
+                   help="%(choices)s (default: the preset's)")
+    p.add_argument("--refine", default=None, choices=cmdline.Later("nap", "REFINE"), metavar="WHERE",
+                   help="TokenRefiners: %(choices)s (default: the preset's)")
+    p.add_argument("--refiner-init", default=None, choices=cmdline.Later("nap", "REFINER_INITS"), metavar="INIT",
+                   help="%(choices)s (default: the preset's)")
     add_recipe_flags(p)
     p.add_argument("--seed", type=int, default=1, help="few-shot draw, initialisation, augmentation and PGD starts")
-    p.add_argument("--precision", default="auto", choices=["auto", *runtime.DTYPES],
+    p.add_argument("--precision", default="auto", choices=["auto", *cmdline.PRECISIONS],
                    help="auto: fp16 autocast on a GPU (with a gradient scaler), fp32 on the CPU")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--device", default="auto", type=cmdline.device_arg, help="auto, cpu, cuda or cuda:N")
     p.add_argument("--workers", type=int, default=4, help="data loader processes")
     p.add_argument("--out", default=None, help="output folder (default: runs/<method>-<dataset>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out/checkpoint.pt (same settings and data)")
     args = p.parse_args(argv)
-    args.arch = args.arch or runtime.default_arch(args.dataset)
+    args.arch = args.arch or cmdline.default_arch(args.dataset)
     if args.method == "zeroshot":
         p.error("method 'zeroshot' has nothing to train; evaluate it with evaluate.py --method zeroshot")
     toy = args.arch == "toy"
@@ -119,8 +116,8 @@ def add_recipe_flags(p):
     p.add_argument("--warmup-lr", type=float, default=None, help=f"--schedule epoch: the warm-up epochs' lr {r}")
     p.add_argument("--warmup-steps", type=int, default=None, help=f"--schedule step: steps of the linear warm-up {r}")
     p.add_argument("--augment", default=None, choices=("crop-flip", "none"), help=f"random resized crop + flip, or none {r}")
-    p.add_argument("--eps", type=runtime.eps_arg, default=None, help=f"training attack's L-inf radius in pixels {r}")
-    p.add_argument("--alpha", type=runtime.eps_arg, default=None, help="PGD step size (default: the recipe's, "
+    p.add_argument("--eps", type=cmdline.eps_arg, default=None, help=f"training attack's L-inf radius in pixels {r}")
+    p.add_argument("--alpha", type=cmdline.eps_arg, default=None, help="PGD step size (default: the recipe's, "
                                                                       "scaled with --eps)")
     p.add_argument("--steps", type=int, default=None, help=f"PGD steps per training batch {r}")
     p.add_argument("--start", default=None, choices=STARTS, help=f"PGD start: uniform in the ball, or the clean image {r}")
@@ -156,9 +153,7 @@ def check_args(p, args):
               (args.warmup_steps >= 0, "--warmup-steps must be >= 0"),
               (0 <= args.attack_momentum < 1, "--attack-momentum must be in [0, 1), e.g. 0.9 (FARE's)"),
               (args.weight_decay >= 0, "--weight-decay must be >= 0"), (args.beta >= 0, "--beta must be >= 0"),
-              (0 <= args.clean_weight <= 1, "--clean-weight must be in [0, 1]"),
-              (args.loss != "fare" or nap.PRESETS[args.method].finetune == "vision",
-               f"--loss fare trains the image encoder; use --method fare or tecoa, not {args.method}")]
+              (0 <= args.clean_weight <= 1, "--clean-weight must be in [0, 1]")]
     for ok, message in checks:
         if not ok:
             p.error(message)
@@ -174,6 +169,35 @@ def recipe_epilog() -> str:
     lines += [f"each method's own: {pairs}.",
               f"--arch toy changes {', '.join(recipes.TOY)} for every recipe, and trains {toy}."]
     return "\n".join(lines)
+
+
+def check_paths(args) -> str:
+    """The run's files, before torch loads: --out (writable; its checkpoint.pt absent, or there for --resume), the
+    dataset as a path, --data-root, --arch as a file, --vision-weights -> the checkpoint's path."""
+    ckpt_path = os.path.join(args.out, "checkpoint.pt")
+    if os.path.exists(ckpt_path) and not args.resume:
+        raise ValueError(f"{ckpt_path} exists; pass --resume to continue that run, or choose another --out")
+    if args.resume and not os.path.exists(ckpt_path):
+        raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}; drop --resume to start a new run")
+    cmdline.check_inputs(args.dataset, args.data_root, args.arch, args.vision_weights)
+    if os.environ.get("RANK", "0") == "0":  # the only process, or torchrun's first: the one that writes --out
+        cmdline.check_writable(args.out, folder=True)
+    return ckpt_path
+
+
+if __name__ == "__main__":  # a bad flag, input or --out is refused here, before torch loads (which takes seconds)
+    cmdline.run_cli(lambda: check_paths(parse_args()))
+
+import torch  # noqa: E402  (the heavy imports follow the checks above)
+import torch.nn.functional as F  # noqa: E402
+from torch.nn.parallel import DistributedDataParallel  # noqa: E402
+from torch.utils.data import DataLoader, Dataset  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import attacks  # noqa: E402
+import data  # noqa: E402
+import nap  # noqa: E402
+import runtime  # noqa: E402
 
 
 # ---------------------------------------------------------------------- data: per-image seeded views
@@ -473,23 +497,24 @@ def build_model(args, backbone, classnames) -> nap.PromptedCLIP:
     return nap.PromptedCLIP(backbone, classnames, cfg)
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def start(args, ckpt_path: str) -> tuple:
+    """Joins torchrun's processes, resolves the device and precision, seeds, and reads the checkpoint a --resume
+    continues -> (world, device, that checkpoint or None)."""
+    if args.loss == "fare" and nap.PRESETS[args.method].finetune != "vision":
+        raise ValueError(f"--loss fare trains the image encoder; use --method fare or tecoa, not {args.method}")
     world = runtime.init_world(args.device)
     device = runtime.resolve_device(args.device, world)
     args.precision = runtime.resolve_precision(args.precision, device, args.eps if world.main else None)
     if args.batch_size % world.size:
         raise ValueError(f"--batch-size {args.batch_size} does not split over {world.size} processes; use a multiple of {world.size}")
-    ckpt_path = os.path.join(args.out, "checkpoint.pt")
-    if os.path.exists(ckpt_path) and not args.resume:
-        raise ValueError(f"{ckpt_path} exists; pass --resume to continue that run, or choose another --out")
-    if args.resume and not os.path.exists(ckpt_path):
-        raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}; drop --resume to start a new run")
-    resume = load_resume(ckpt_path, args) if args.resume else None
-    if world.main:
-        runtime.check_writable(args.out, folder=True)
     runtime.seed_everything(args.seed)
+    return world, device, load_resume(ckpt_path, args) if args.resume else None
 
+
+def main(argv=None):
+    args = parse_args(argv)
+    ckpt_path = check_paths(args)
+    world, device, resume = start(args, ckpt_path)
     full = data.build_dataset(args.dataset, args.data_root, "train")  # checked before the backbone loads
     trained_on = data_record(full)
     if resume:
@@ -585,5 +610,5 @@ def log_epoch(log, history: list, n_classes: int):
 
 
 if __name__ == "__main__":
-    runtime.run_cli(main, "interrupted; every finished epoch is kept in --out/checkpoint.pt: "
+    cmdline.run_cli(main, "interrupted; every finished epoch is kept in --out/checkpoint.pt: "
                           "add --resume to the same command to continue")

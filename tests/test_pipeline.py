@@ -110,6 +110,7 @@ def test_evaluation_resumes_from_finished_batches(tiny_weights, tmp_path, monkey
     ("train.py", ["--eps", "abc"], "--eps"),
     ("train.py", ["--arch", "{tmp}/missing.pt"], "not found"),
     ("train.py", ["--arch", "{tmp}/corrupt.pt"], "neither a TorchScript archive nor a state_dict"),
+    ("train.py", ["--arch", "{w}", "--method", "nap", "--loss", "fare"], "--loss fare trains the image encoder"),
     ("evaluate.py", ["--checkpoint", "{tmp}/missing.pt"], "does not exist"),
     ("evaluate.py", ["--checkpoint", "{tmp}/corrupt.pt"], "corrupt"),
     ("evaluate.py", ["--method", "nap"], "needs --checkpoint"),
