@@ -94,8 +94,8 @@ def run_cli(main, interrupted: str = "interrupted; finished work is kept: run th
         fail(one_line(e))
     except RuntimeError as e:
         torch = sys.modules.get("torch")  # only a run that loaded torch can run out of its memory
-        if torch is None or not isinstance(e, torch.OutOfMemoryError):
-            raise
+        if torch is None or not isinstance(e, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)):
+            raise  # (older torch releases name it only torch.cuda.OutOfMemoryError)
         traceback.print_exc()
         fail("out of memory: try a smaller --batch-size (or --precision fp16 on a GPU)", 1)
 
