@@ -23,7 +23,13 @@ writes an --out (runtime.exclusive: a second is refused in one line).
 
 PGD's scoring (--pgd-score): "any" counts a point broken once the clean image or any iterate fools
 the model (AutoAttack's convention, the stronger); "last" scores the last iterate alone, as
-torchattacks.PGD does in the baselines' code [B].
+torchattacks.PGD does in the baselines' code [B]. The same holds for cw and tpgd; --attack transfer
+crafts the images on --surrogate (zero-shot CLIP or a checkpoint) and scores the model on them
+(any: on them or the clean image), and --save-adv keeps them for the next model.
+
+The flags, the files they name and the output locations are checked before torch is imported
+(seconds): a mistake is one line and exit status 2 at once. Radii (--eps, --alpha) are read by
+attacks.parse_eps, whose module loads torch.
 """
 import contextlib
 import hashlib
@@ -33,15 +39,8 @@ import re
 import shutil
 import time
 
-import torch
-from torch.utils.data import DataLoader, Subset
-from tqdm import tqdm
-
-import attacks
-import data
-import nap
-import runtime
-import stats
+import cmdline
+import recipes
 
 # apgd-ce+apgd-t: the reduced ensemble TeCoA / RobustVLM report as "AA"; it is not AutoAttack [C]
 ATTACKS = ("none", "pgd", "cw", "tpgd", "transfer", "apgd-ce", "apgd-t", "apgd-ce+apgd-t", "fab-t", "square",
@@ -50,16 +49,20 @@ PGD_SCORES = ("any", "last")  # any: AutoAttack's convention (Croce & Hein 2020)
 SCORED = ("pgd", "cw", "tpgd", "transfer")  # the attacks --pgd-score scores
 TRANSFER_FLAGS = ("surrogate", "diverse_inputs", "save_adv")  # --attack transfer's own
 TABLE_MARK = "<!-- evaluate.py's table of"  # the first line of every .md evaluate.py writes
+METHODS = ("zeroshot", *recipes.METHOD_RECIPE)  # nap.PRESETS' names, read from recipes.py, which loads no torch
+EVAL_EPS = 1 / 255  # the default radius: the paper's, for every backbone (the toy included)
 
+
+# ---------------------------------------------------------------------- the command line, checked before torch loads
 
 def parse_args(argv=None):
-    p = runtime.Parser(description=__doc__.split("\n")[0])
+    p = cmdline.Parser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", default=None, help="a checkpoint.pt written by train.py")
     p.add_argument("--arch", default=None, help="toy, an OpenAI model name or a weights file "
                                                 "(default: the checkpoint's, else ViT-B/16)")
     p.add_argument("--vision-weights", default=None, metavar="FILE",
                    help="replace the image encoder with these weights (default: the checkpoint's, if it was trained on some)")
-    p.add_argument("--method", default=None, choices=list(nap.PRESETS),
+    p.add_argument("--method", default=None, choices=METHODS,
                    help="the model's method (default: the checkpoint's; without --checkpoint zeroshot, the only one)")
     p.add_argument("--template", default=None, help="zero-shot prompt with {} for the class, for zeroshot, tecoa and fare "
                    "(default: CoOp's per-dataset template, e.g. 'a photo of a {}, a type of pet.'; else 'a photo of a {}.')")
@@ -71,9 +74,10 @@ def parse_args(argv=None):
                         "(both as APT evaluates); transfer: I-FGSM or DI-FGSM on --surrogate, scored on the model; the "
                         "rest: AutoAttack's members and ensembles (attacks.py names each one's source)")
     p.add_argument("--pgd-score", default="any", choices=PGD_SCORES,
-                   help="pgd, cw, tpgd: any: a point is broken once any iterate fools the model (AutoAttack's convention); "
-                        "last: only the last iterate counts (torchattacks.PGD, the baselines' code); transfer: any: "
-                        "broken if the clean or the crafted image fools the model; last: the crafted image alone")
+                   help="pgd, cw, tpgd: any: a point is broken once any iterate fools the model (AutoAttack's "
+                        "convention); last: only the last iterate counts (torchattacks.PGD, the baselines' code); "
+                        "transfer: any: broken if the clean or the crafted image fools the model; last: the crafted "
+                        "image alone")
     p.add_argument("--surrogate", default=None, metavar="MODEL",
                    help="--attack transfer: the model the images are crafted on: zeroshot (zero-shot CLIP on --arch, "
                         "without --vision-weights, with the dataset's CoOp template whatever --template says) or a "
@@ -85,17 +89,17 @@ def parse_args(argv=None):
                    help="--attack transfer: keep the crafted images in DIR, one file per batch named by the hash of "
                         "everything they depend on (surrogate, images, labels, seed, eps, steps, ...): a later run "
                         "reuses them, for any model (float32, 0.6 MB per 224-px image)")
-    p.add_argument("--eps", type=runtime.eps_arg, default=runtime.EVAL_EPS,
+    p.add_argument("--eps", type=cmdline.eps_arg, default=EVAL_EPS,
                    help="L-inf radius in pixels, e.g. 1/255 or 4/255 (default: 1/255, the paper's)")
-    p.add_argument("--alpha", type=runtime.eps_arg, default=1 / 255, help="PGD step size (default: 1/255)")
+    p.add_argument("--alpha", type=cmdline.eps_arg, default=1 / 255, help="PGD step size (default: 1/255)")
     p.add_argument("--steps", type=int, default=100, help="attack iterations (PGD, APGD, FAB)")
     p.add_argument("--queries", type=int, default=5000, help="Square attack queries")
     p.add_argument("--n-samples", type=int, default=None, help="evaluate a seeded random subset of this size")
     p.add_argument("--batch-size", type=int, default=256, help="images per batch; batch b is attacked with seed + b")
     p.add_argument("--seed", type=int, default=0, help="subset draw and attack randomness")
-    p.add_argument("--precision", default="auto", choices=["auto", *runtime.DTYPES],
+    p.add_argument("--precision", default="auto", choices=["auto", *cmdline.PRECISIONS],
                    help="auto: fp16 autocast on a GPU, fp32 on the CPU")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--device", default="auto", type=cmdline.device_arg, help="auto, cpu, cuda or cuda:N")
     p.add_argument("--workers", type=int, default=4, help="data loader processes")
     p.add_argument("--out", default=None, help="results JSON (default: runs/eval-<name>-<attack>-<eps>.json); "
                                                "a markdown table is written beside it")
@@ -125,6 +129,97 @@ def parse_args(argv=None):
     if args.template is not None and "{}" not in args.template:
         p.error(f"--template must contain {{}} for the class name, e.g. \"a photo of a {{}}.\" (got {args.template!r})")
     return args
+
+
+def check_paths(args):
+    """The run's files, before torch loads: --checkpoint and --surrogate exist; each --dataset given as a path,
+    --data-root, --arch given as a file and --vision-weights exist; --out (its default set here) can be written and
+    holds nothing but evaluate.py's results, nor does the .md beside it; --save-adv can be written."""
+    surrogate = None if args.surrogate in (None, "zeroshot") else args.surrogate
+    for flag, path in (("--checkpoint", args.checkpoint), ("--surrogate", surrogate)):
+        if path and not os.path.isfile(path):
+            raise FileNotFoundError(f"{flag} {path} does not exist; give the path of a checkpoint.pt written by "
+                                    f"train.py")
+    for dataset in args.dataset or [None]:
+        cmdline.check_inputs(dataset, args.data_root, args.arch, args.vision_weights)
+    args.out = args.out or default_out(model_name(args.checkpoint), args)
+    if os.environ.get("RANK", "0") == "0":  # the only process, or torchrun's first: the one that writes --out
+        if args.save_adv:
+            cmdline.check_writable(args.save_adv, folder=True, flag="--save-adv")
+        cmdline.check_writable(args.out, folder=False)
+        read_results(args.out)
+        table_path(args.out)
+
+
+def default_out(name: str, args) -> str:
+    """runs/eval-<name>-<attack>[-from-<surrogate>[-di<P>]][-last]-<eps as n_255>.json"""
+    eps = f"{args.eps * 255:.4g}".replace(".", "p") + "_255"
+    scoring = "-last" if args.pgd_score == "last" else ""
+    source = ""
+    if args.attack == "transfer":
+        source = f"-from-{model_name(args.surrogate)}" + (f"-di{args.diverse_inputs:g}" if args.diverse_inputs else "")
+    return os.path.join("runs", f"eval-{name}-{args.attack}{source}{scoring}-{eps}.json")
+
+
+def model_name(checkpoint) -> str:
+    """A model's short name: its checkpoint's folder (runs/<name>/checkpoint.pt), else zeroshot."""
+    return os.path.basename(os.path.dirname(os.path.abspath(checkpoint))) if checkpoint not in (None, "zeroshot") \
+        else "zeroshot"
+
+
+# ---------------------------------------------------------------------- the user's files
+
+# what evaluate.py wrote into the .md before TABLE_MARK (a line naming the run, then the table): ours too
+OLD_TABLE = re.compile(r"[^\n]*, attack [^\n]*, eps [^\n]*/255, steps \d+\n\n\| dataset \| clean \| robust \|\n"
+                       r"\|---\|---:\|---:\|\n(\|[^\n]*\|\n)+")
+
+
+def read_results(out: str) -> dict:
+    """The results already in --out ({} if there is no such file), refusing a file evaluate.py did not write."""
+    if not os.path.exists(out):
+        return {}
+    refuse = (f"--out {out} exists and is not a results file of evaluate.py ({{dataset: result with identity and "
+              f"contents}}); it is left as it is: move it away, or choose another --out")
+    try:
+        with open(out) as f:
+            results = json.load(f)
+    except ValueError:  # not JSON, or not text
+        raise ValueError(refuse) from None
+    if not (isinstance(results, dict) and results and all(
+            isinstance(r, dict) and isinstance(r.get("identity"), dict) and isinstance(r.get("contents"), dict)
+            for r in results.values())):
+        raise ValueError(refuse)
+    return results
+
+
+def table_path(out: str) -> str:
+    """The .md beside --out, where the table goes, refusing one that evaluate.py did not write."""
+    path = os.path.splitext(out)[0] + ".md"
+    if not os.path.lexists(path):
+        return path
+    text = ""
+    if os.path.isfile(path):
+        with open(path, errors="replace") as f:
+            text = f.read(1 << 20)
+    if text.startswith(TABLE_MARK) or OLD_TABLE.fullmatch(text):
+        return path
+    raise ValueError(f"{path} exists and evaluate.py did not write it; the table of --out {out} would replace it: "
+                     f"move it away, or choose another --out")
+
+if __name__ == "__main__":  # a bad flag, input or --out is refused here, before torch loads (which takes seconds)
+    cmdline.run_cli(lambda: check_paths(parse_args()))
+
+import torch  # noqa: E402  (the heavy imports follow the checks above)
+from torch.utils.data import DataLoader, Subset  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import attacks  # noqa: E402
+import data  # noqa: E402
+import nap  # noqa: E402
+import runtime  # noqa: E402
+import stats  # noqa: E402
+
+
 
 
 # ---------------------------------------------------------------------- attacks
@@ -167,7 +262,7 @@ def evaluate_batch(fn, x, y, args, seed: int, craft=None) -> dict:
         x_adv, info = run_attack(fn, x, y, args, seed, craft)
         with torch.no_grad():
             right = fn(x_adv).argmax(1) == y
-        if args.attack == "transfer" and args.pgd_score == "any":  # a clean error stays one, as the other attacks keep it
+        if args.attack == "transfer" and args.pgd_score == "any":  # a clean error stays one, as other attacks keep it
             right &= clean
         counts.update(robust=int(right.sum()), robust_correct=stats.bits(right.tolist()))
         counts.update({k: v for k, v in info.items() if k not in ("clean", "robust")})
@@ -274,7 +369,8 @@ def evaluate_dataset(name, dataset, backbone, ckpt, args, world, device, partial
                         batch_sampler=[range(b * args.batch_size, b * args.batch_size + len(batches[b])) for b in todo])
     bar = tqdm(zip(todo, loader), total=len(todo), desc=name, disable=not world.main, leave=False)
     for b, (x, y) in bar:
-        counts = evaluate_batch(fn, x.to(device, non_blocking=True), y.to(device), args, seed=args.seed + b, craft=craft)
+        counts = evaluate_batch(fn, x.to(device, non_blocking=True), y.to(device), args, seed=args.seed + b,
+                                craft=craft)
         runtime.write_json(counts, os.path.join(partial_dir, f"batch{b:06d}.json"))
         bar.set_postfix(clean=counts["clean"], robust=counts.get("robust", "-"))
 
@@ -426,45 +522,6 @@ def partial_folder(out: str, dataset: str, data_id: dict) -> str:
     return f"{out}.partial/{base}-{digest}"
 
 
-# ---------------------------------------------------------------------- the user's files
-
-# what evaluate.py wrote into the .md before TABLE_MARK (a line naming the run, then the table): ours too
-OLD_TABLE = re.compile(r"[^\n]*, attack [^\n]*, eps [^\n]*/255, steps \d+\n\n\| dataset \| clean \| robust \|\n"
-                       r"\|---\|---:\|---:\|\n(\|[^\n]*\|\n)+")
-
-
-def read_results(out: str) -> dict:
-    """The results already in --out ({} if there is no such file), refusing a file evaluate.py did not write."""
-    if not os.path.exists(out):
-        return {}
-    refuse = (f"--out {out} exists and is not a results file of evaluate.py ({{dataset: result with identity and "
-              f"contents}}); it is left as it is: move it away, or choose another --out")
-    try:
-        results = runtime.read_json(out)
-    except ValueError:
-        raise ValueError(refuse) from None
-    if not (isinstance(results, dict) and results and all(
-            isinstance(r, dict) and isinstance(r.get("identity"), dict) and isinstance(r.get("contents"), dict)
-            for r in results.values())):
-        raise ValueError(refuse)
-    return results
-
-
-def table_path(out: str) -> str:
-    """The .md beside --out, where the table goes, refusing one that evaluate.py did not write."""
-    path = os.path.splitext(out)[0] + ".md"
-    if not os.path.lexists(path):
-        return path
-    text = ""
-    if os.path.isfile(path):
-        with open(path, errors="replace") as f:
-            text = f.read(1 << 20)
-    if text.startswith(TABLE_MARK) or OLD_TABLE.fullmatch(text):
-        return path
-    raise ValueError(f"{path} exists and evaluate.py did not write it; the table of --out {out} would replace it: "
-                     f"move it away, or choose another --out")
-
-
 def load_model_checkpoint(args):
     """--checkpoint's contents (None without one), refusing flags that contradict it; sets args.method."""
     if not args.checkpoint:
@@ -484,24 +541,9 @@ def load_model_checkpoint(args):
 
 # ---------------------------------------------------------------------- main
 
-def default_out(name: str, args) -> str:
-    """runs/eval-<name>-<attack>[-from-<surrogate>[-di<P>]][-last]-<eps as n_255>.json"""
-    eps = f"{args.eps * 255:.4g}".replace(".", "p") + "_255"
-    scoring = "-last" if args.pgd_score == "last" else ""
-    source = ""
-    if args.attack == "transfer":
-        source = f"-from-{model_name(args.surrogate)}" + (f"-di{args.diverse_inputs:g}" if args.diverse_inputs else "")
-    return os.path.join("runs", f"eval-{name}-{args.attack}{source}{scoring}-{eps}.json")
-
-
-def model_name(checkpoint) -> str:
-    """A model's short name: its checkpoint's folder (runs/<name>/checkpoint.pt), else zeroshot."""
-    return os.path.basename(os.path.dirname(os.path.abspath(checkpoint))) if checkpoint not in (None, "zeroshot") \
-        else "zeroshot"
-
-
 def main(argv=None):
     args = parse_args(argv)
+    check_paths(args)
     world = runtime.init_world(args.device)
     device = runtime.resolve_device(args.device, world)
     args.precision = runtime.resolve_precision(args.precision, device, args.eps if args.attack != "none" and world.main else None)
@@ -515,10 +557,8 @@ def main(argv=None):
         import synthetic
         args.dataset = list(synthetic.TASKS) if arch == "toy" else list(data.PAPER_EVAL)
     name = model_name(args.checkpoint)
-    args.out = args.out or default_out(name, args)
     with contextlib.ExitStack() as held:
-        if world.main:  # before any work: the user's files are refused, never overwritten
-            runtime.check_writable(args.out, folder=False)
+        if world.main:  # before any work: one run at a time (check_paths refused the user's files)
             held.enter_context(runtime.exclusive(args.out))
             table = table_path(args.out)
         results = evaluate_all(args, ckpt, arch, vision, read_results(args.out), world, device)
@@ -547,7 +587,8 @@ def evaluate_all(args, ckpt, arch, vision, results, world, device) -> dict:
             continue
         partial_dir = partial_folder(args.out, dataset, data_id)
         open_partial(partial_dir, {"identity": identity, "contents": contents}, world)
-        result = evaluate_dataset(dataset, datasets[dataset], backbone, ckpt, args, world, device, partial_dir, surrogate)
+        result = evaluate_dataset(dataset, datasets[dataset], backbone, ckpt, args, world, device, partial_dir,
+                                  surrogate)
         result.update(checkpoint=args.checkpoint, arch=arch, identity=identity, contents=contents)
         if world.main:
             results[dataset] = result
@@ -589,4 +630,4 @@ def write_table(path: str, name: str, shown_results: dict, args):
 
 
 if __name__ == "__main__":
-    runtime.run_cli(main)
+    cmdline.run_cli(main)

@@ -4,6 +4,8 @@ and the user's files (an unrelated JSON or .md, a second run on the same --out, 
 the checkpoint) refused in one line before any work."""
 import json
 import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -18,7 +20,7 @@ import runtime
 import stats
 import train
 from clip.model import CLIP
-from conftest import TINY, cli, one_line_error
+from conftest import ROOT, TINY, cli, one_line_error
 from test_distributed import finish, torchrun
 
 EVAL = ["--dataset", "synthetic", "--attack", "pgd", "--steps", "2", "--n-samples", "21", "--batch-size", "8",
@@ -167,7 +169,8 @@ def test_cw_tpgd_and_transfer_are_recorded_as_pgd_is(attack, varied_weights, tmp
     r = json.loads(out.read_text())["synthetic-colour"]
     n, images = r["n_samples"], r["images"]
     clean, robust = flags(images["clean"]), flags(images["robust"])
-    assert r["attack"] == attack and n == 60 and len(robust) == 60 and r["robust"] == pytest.approx(100 * sum(robust) / n)
+    assert r["attack"] == attack and n == 60 and len(robust) == 60
+    assert r["robust"] == pytest.approx(100 * sum(robust) / n)
     assert r["robust_ci95"] == pytest.approx([100 * v for v in stats.wilson(sum(robust), n)], abs=0.006)
     assert all(c for c, a in zip(clean, robust) if a) and sum(robust) < sum(clean)  # broken somewhere, never fixed
     extra = {"surrogate": "zeroshot", "diverse_inputs": 0.0} if attack == "transfer" else {}
@@ -188,7 +191,7 @@ def hand_written_ifgsm(model, x, y, eps, alpha, steps):
 
 
 def test_transfer_scores_the_images_crafted_on_the_surrogate():
-    """--pgd-score last: right on the surrogate's I-FGSM images (written out here); any: right on the clean image too."""
+    """--pgd-score last: right on the surrogate's I-FGSM images (written out here); any: on the clean image too."""
     torch.manual_seed(3)
     model, surrogate = (torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 16), torch.nn.Tanh(),
                                             torch.nn.Linear(16, 5)) for _ in range(2))
@@ -248,6 +251,44 @@ def test_a_surrogate_of_another_image_size_is_refused(varied_weights, tmp_path):
             "--out", str(tmp_path / "e.json"))
     one_line_error(r, f"--surrogate {ckpt} takes 64-px images, the model 32-px ones")
     assert not (tmp_path / "e.json").exists()
+
+
+# ---------------------------------------------------------------------- checked before torch loads
+
+@pytest.mark.parametrize("args,message", [
+    (["--attack", "cw-l2"], "invalid choice: 'cw-l2'"),
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--method", "nap"], "--method nap needs --checkpoint"),
+    (["--device", "tpu"], "'tpu' is not a device"),
+    (["--diverse-inputs", "0.5"], "--diverse-inputs is --attack transfer's"),
+    (["--attack", "transfer", "--diverse-inputs", "1.5"], "--diverse-inputs 1.5 is a probability"),
+    (["--checkpoint", "{tmp}/missing.pt"], "--checkpoint {tmp}/missing.pt does not exist"),
+    (["--attack", "transfer", "--surrogate", "{tmp}/missing.pt"], "--surrogate {tmp}/missing.pt does not exist"),
+    (["--dataset", "synthetic", "{tmp}/no/such/tree"], "no folder at"),
+    (["--dataset", "caltech101", "--data-root", "{tmp}/nothing"], "--data-root {tmp}/nothing: no such folder"),
+    (["--arch", "{tmp}/missing.pt"], "--arch {tmp}/missing.pt not found"),
+    (["--out", "{tmp}"], "is a folder"),
+    (["--out", "{tmp}/mine.json"], "not a results file of evaluate.py"),
+    (["--attack", "transfer", "--save-adv", "{tmp}/a-file"], "--save-adv {tmp}/a-file is a file"),
+])
+def test_bad_input_is_refused_before_torch_loads(args, message, tmp_path):
+    """Each run under `python -X importtime`, whose report on stderr names every module imported."""
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "mine.json").write_text('{"mine": 1}')
+    argv = [a.format(tmp=tmp_path) for a in args]
+    r = subprocess.run([sys.executable, "-X", "importtime", os.path.join(ROOT, "evaluate.py"), *argv], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": ROOT})
+    report = [line for line in r.stderr.splitlines() if line.startswith("import time:")]
+    imported = {line.rsplit("|", 1)[1].strip().split(".")[0] for line in report}
+    r.stderr = "\n".join(line for line in r.stderr.splitlines() if not line.startswith("import time:"))
+    one_line_error(r, message.format(tmp=tmp_path))
+    assert "argparse" in imported and "cmdline" in imported  # the report is there ...
+    assert "torch" not in imported  # ... and torch is not in it
+    assert (tmp_path / "mine.json").read_text() == '{"mine": 1}' and not (tmp_path / "runs").exists()
+
+
+def test_the_methods_checked_before_torch_are_naps():
+    assert set(evaluate.METHODS) == set(nap.PRESETS)
 
 
 # ---------------------------------------------------------------------- the user's files
