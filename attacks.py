@@ -430,7 +430,7 @@ def cw(model, x, y, eps, alpha=None, steps=100, kappa=0.0, random_start=False, e
 
 
 def tpgd(model, x, y, eps, alpha=None, steps=100, early_stop=True, seed=None):
-    """TPGD, TRADES' attack: L-inf PGD on KL(softmax(clean) || softmax(adv)): (B, ...) -> (B, ...)
+    """TPGD, TRADES' attack: L-inf PGD on KL(softmax(clean) || softmax(adv)): (B, ...) -> (B, ...).
 
     Zhang et al. 2019, "Theoretically Principled Trade-off between Robustness and Accuracy"; as
     torchattacks.TPGD: start at x + 0.001 * N(0, 1) (here also projected onto the ball, which
@@ -461,16 +461,16 @@ def tpgd(model, x, y, eps, alpha=None, steps=100, early_stop=True, seed=None):
 
 
 def diverse_inputs(x, p, gen=None, resize_rate=0.9):
-    """DI-FGSM's input diversity: images (B, C, S, S) -> resized, zero-padded back (probability p)
+    """DI-FGSM's input diversity: images (B, C, S, S) -> resized, zero-padded back (probability p).
 
     Xie et al. 2019, "Improving Transferability of Adversarial Examples with Input Diversity", as
     torchattacks.DIFGSM draws it (its defaults resize_rate 0.9, diversity_prob 0.5, which the
     baselines' `di` attack uses: xinwong/Multimodal-Adversarial-Prompt-Tuning, trainers/advvpt.py
-    before_adv_test): one draw per call for the whole batch, a side rnd uniform
-    in [floor(resize_rate * S), S - 1], a bilinear resize (align_corners=False, no antialiasing)
-    to rnd x rnd, then S - rnd zero rows and columns, top uniform in [0, S - rnd - 1] and left
-    likewise, the rest at the bottom and right. Xie et al. enlarge instead (299 -> [299, 330),
-    padded to 330), which changes the size: CLIP's encoders take one size.
+    before_adv_test), one draw per call for the whole batch, from gen in this order: a coin (below
+    p: transform), a side rnd uniform in [floor(resize_rate * S), S - 1], top and left each uniform
+    in [0, S - rnd - 1]; then a bilinear resize (align_corners=False, no antialiasing) to rnd x
+    rnd, placed at (top, left) in an S x S frame of zeros. Xie et al. enlarge instead (299 -> [299,
+    330), padded to 330), which changes the size: CLIP's encoders take one size.
     """
     _check_diversity(x, p, resize_rate)
 
@@ -500,7 +500,7 @@ def _check_diversity(x, p, resize_rate=0.9):
 
 
 def transfer(model, x, y, eps, surrogate, alpha=1 / 255, steps=100, diversity=0.0, seed=None):
-    """Transfer attack: I-FGSM (DI-FGSM) on a surrogate: (B, C, H, W), (B,) -> (B, C, H, W)
+    """Transfer attack: I-FGSM (DI-FGSM) on a surrogate: (B, C, H, W), (B,) -> (B, C, H, W).
 
     Kurakin et al. 2017's iterative FGSM (from x, `steps` signed steps of alpha up the surrogate's
     cross-entropy, projected onto the ball and box) with Xie et al. 2019's input diversity

@@ -1,5 +1,6 @@
 """Tests for attacks.py: invariants on random models, closed-form linear models, the ensemble,
-degenerate models, early stopping, determinism and argument checks."""
+degenerate models, early stopping, determinism and argument checks; CW, TPGD, DI and transfer
+against loops written out here from their sources (APT, torchattacks) and closed-form gradients."""
 import pytest
 import torch
 import torch.nn.functional as F
