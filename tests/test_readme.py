@@ -1,6 +1,7 @@
 """The README's commands as written: the offline ones run (on a tiny stand-in for the toy CLIP, with a
 reduced budget appended, since later flags win), the ones that need OpenAI's weights and the real
-datasets parse; torchrun's run on 2 CPU processes without --device."""
+datasets parse; torchrun's run on 2 CPU processes without --device. The library example runs as
+written, on a tiny stand-in for ViT-B/16."""
 import os
 import re
 import shlex
@@ -10,7 +11,9 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 
+import clip
 import evaluate
 import toyclip
 import train
@@ -90,3 +93,24 @@ def test_offline_commands_run_as_written(sandbox):
         assert r.returncode == 0, (cmd, r.stderr[-2000:])
         ran += 1
     assert ran >= 4
+
+
+def test_library_example_runs_as_written(tmp_path, monkeypatch):
+    """The README's Python block on two pictures, with a 12-layer tiny CLIP (224 px, 32-px patches) as ViT-B/16."""
+    blocks = re.findall(r"```python\n(.*?)```", open(os.path.join(ROOT, "README.md")).read(), re.S)
+    assert len(blocks) == 1
+    torch.manual_seed(0)
+    stand_in = str(tmp_path / "stand-in.pt")
+    torch.save(CLIP(32, 224, 12, 64, 32, 77, 49408, 64, 1, 12).state_dict(), stand_in)
+    real = clip.load
+    monkeypatch.setattr(clip, "load", lambda name, **kw: real(stand_in if name == "ViT-B/16" else name, **kw))
+    for name, colour in (("cat.jpg", (200, 120, 40)), ("dog.jpg", (40, 60, 90))):
+        Image.new("RGB", (320, 240), colour).save(tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(blocks[0], scope)
+    images = scope["images"]
+    assert images.shape == (2, 3, 224, 224) and 0 <= images.min() and images.max() <= 1
+    assert scope["logits"].shape == (2, 4)
+    for x in (scope["x_adv"], scope["x_aa"]):
+        assert (x - images).abs().max() <= 1 / 255 + 1e-6 and 0 <= x.min() and x.max() <= 1
