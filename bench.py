@@ -38,6 +38,8 @@ import re
 import sys
 from dataclasses import dataclass
 
+import cmdline
+
 # The benches in the order they run: e2e last, so that its summary is the last line
 BENCHES = ("attack", "eval", "train", "text", "flops", "profile", "methods", "e2e")
 DEFAULT_BENCHES = BENCHES[:5]  # profile, methods and e2e on request
@@ -63,15 +65,6 @@ PRECISIONS = ("fp32", "bf16", "fp16")  # runtime.DTYPES
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse with a bad flag as one line, 'error: ... (see bench.py --help)', and exit status 2: runtime.Parser's
-    behaviour without importing runtime (which imports torch)."""
-
-    def error(self, message):
-        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
-        sys.exit(2)
-
-
 def positive(text):
     """argparse type: an integer >= 1."""
     if not re.fullmatch(r"\s*\d+\s*", text) or int(text) < 1:
@@ -80,15 +73,8 @@ def positive(text):
 
 
 def radius(text):
-    """argparse type for --eps and --alpha: '1/255' or 0.0039, in [0, 1], kept as written (attacks.parse_eps, which
-    needs torch, reads it later)."""
-    num, _, den = text.partition("/")
-    try:
-        value = float(num) / float(den) if den else float(num)
-    except (ValueError, ZeroDivisionError):
-        value = float("nan")
-    if not 0 <= value <= 1:  # nan and inf fail too
-        raise argparse.ArgumentTypeError(f"expected a radius in [0, 1] such as 1/255 or 0.0039, got {text!r}")
+    """argparse type for --eps and --alpha: '1/255' or 0.0039, in [0, 1] (cmdline.parse_eps), kept as written."""
+    cmdline.eps_arg(text)
     return text
 
 
@@ -102,7 +88,8 @@ def device_name(text):
 def build_parser():
     """The bench CLI's parser: every flag with its help."""
     description, _, epilog = __doc__.partition("\n\n")
-    p = Parser(description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cmdline.Parser(description=description, epilog=epilog)
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("--quick", action="store_true", help="the tiny CLIP, small batches, one repeat, one CPU thread "
                                                         "(~30 s on a 2-core CPU, BENCHMARKS.md section 1)")
     p.add_argument("--bench", nargs="+", default=list(DEFAULT_BENCHES), choices=BENCHES, metavar="NAME",

@@ -1,14 +1,14 @@
 """What every command line does before torch loads: one-line errors, the parser, and the checks of paths.
 
-train.py, replicate.py, toyclip.py and figures.py parse and check their flags with this module alone
-(it imports no torch), so that a typo, a missing dataset folder or an unwritable --out is refused in
-one line with exit status 2 before torch is imported, which takes seconds. runtime.py, which the code
-after that uses, re-exports these names. The one exception is a radius (--eps, --alpha): eps_arg reads
-it with attacks.parse_eps, whose module loads torch, so radii are checked after the other flags.
+The CLIs (train.py, evaluate.py, replicate.py, protocols.py, toyclip.py, figures.py, bench.py) parse
+and check their flags with this module alone (it imports no torch), so that a typo, a bad radius, a
+missing dataset folder or an unwritable --out is refused in one line with exit status 2 before torch
+is imported, which takes seconds. runtime.py, which the code after that uses, re-exports these names.
 """
 import argparse
 import errno
 import importlib
+import math
 import os
 import sys
 import traceback
@@ -72,11 +72,31 @@ class Later:
         return len(self.values())
 
 
-def eps_arg(text: str) -> float:
-    """argparse type for --eps/--alpha: attacks.parse_eps with its message kept (importing attacks loads torch)."""
-    import attacks
+def parse_eps(s):
+    """Parse a radius in pixel units: "4/255", "0.0039" or 0.0039 -> float in [0, 1].
+
+    A value above 1 is refused (it would cover the whole pixel range), "8" with a hint to 8/255."""
+    text = str(s).strip()
     try:
-        return attacks.parse_eps(text)
+        num, _, den = text.partition("/")
+        value = float(num) / float(den) if den else float(num)
+    except (ValueError, ZeroDivisionError):
+        value = math.nan
+    if not math.isfinite(value):
+        raise ValueError(f"eps {s!r} is not a number: give a fraction such as '4/255' "
+                         "or a float such as 0.0157")
+    if value < 0:
+        raise ValueError(f"eps {s!r} is negative; give a radius such as '4/255'")
+    if value > 1:
+        hint = f"did you mean {text}/255?" if not den else "give a radius such as '4/255'"
+        raise ValueError(f"eps {s!r} is larger than the whole [0,1] pixel range; {hint}")
+    return value
+
+
+def eps_arg(text: str) -> float:
+    """argparse type for --eps/--alpha: parse_eps with its message kept."""
+    try:
+        return parse_eps(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 

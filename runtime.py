@@ -142,7 +142,6 @@ def resolve_device(name: str, world: World = World()) -> torch.device:
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-EVAL_EPS = 1 / 255  # evaluate.py's default radius: the paper's, for every backbone (the toy included)
 
 
 def resolve_precision(precision: str, device: torch.device, eps: float = None) -> str:
