@@ -28,8 +28,7 @@ crafts the images on --surrogate (zero-shot CLIP or a checkpoint) and scores the
 (any: on them or the clean image), and --save-adv keeps them for the next model.
 
 The flags, the files they name and the output locations are checked before torch is imported
-(seconds): a mistake is one line and exit status 2 at once. Radii (--eps, --alpha) are read by
-attacks.parse_eps, whose module loads torch.
+(seconds): a mistake is one line and exit status 2 at once.
 """
 import contextlib
 import hashlib
@@ -69,6 +68,9 @@ def parse_args(argv=None):
     p.add_argument("--dataset", nargs="+", default=None, help="one or more datasets (default: ImageNet + the paper's 9 "
                                                                "transfer datasets; every synthetic task for --arch toy)")
     p.add_argument("--data-root", default=None, help="where the datasets lie (default: $NAP_DATA, else ./data)")
+    p.add_argument("--subsample-classes", default="all", choices=("all", "base", "new"),
+                   help="score the first half of each dataset's classes (base) or the rest (new), relabelled, Dassl's "
+                        "base-to-new split (data.subsample_classes)")
     p.add_argument("--attack", default="pgd", choices=ATTACKS,
                    help="none: clean accuracy only; pgd: PGD-CE; cw: PGD on the CW margin and tpgd: PGD on TRADES' KL "
                         "(both as APT evaluates); transfer: I-FGSM or DI-FGSM on --surrogate, scored on the model; the "
@@ -294,12 +296,14 @@ def zero_shot_template(name: str, template: str = None) -> str:
 
 
 def data_identity(name: str, args) -> dict:
-    """Which dataset: a folder by its absolute path, a named dataset by name and data root, synthetic by name."""
+    """Which dataset: a folder by its absolute path, a named dataset by name and data root, synthetic by name; and
+    which of its classes (only when not all, so results of all classes keep their identity)."""
+    classes = {} if args.subsample_classes == "all" else {"classes": args.subsample_classes}
     if os.path.isdir(name):
-        return {"name": os.path.abspath(name), "root": None}
+        return {"name": os.path.abspath(name), "root": None, **classes}
     if name.startswith("synthetic"):
-        return {"name": name, "root": None}
-    return {"name": name, "root": os.path.abspath(os.path.expanduser(args.data_root or data.default_root()))}
+        return {"name": name, "root": None, **classes}
+    return {"name": name, "root": os.path.abspath(os.path.expanduser(args.data_root or data.default_root())), **classes}
 
 
 def differences(old: dict, new: dict, prefix="") -> list:
@@ -570,7 +574,8 @@ def main(argv=None):
 
 def evaluate_all(args, ckpt, arch, vision, results, world, device) -> dict:
     """Every --dataset not already in results (reused when nothing changed) -> results, written to --out after each."""
-    datasets = {d: data.build_dataset(d, args.data_root, "test") for d in args.dataset}  # fail fast
+    datasets = {d: data.subsample_classes(data.build_dataset(d, args.data_root, "test"), args.subsample_classes)
+                for d in args.dataset}  # fail fast
     backbone = runtime.load_backbone(arch, device, args.precision, vision)
     surrogate = load_surrogate(args, arch, backbone, device) if args.attack == "transfer" else None
     model_id = {"checkpoint": os.path.abspath(args.checkpoint) if ckpt else None, "method": args.method,
@@ -622,7 +627,9 @@ def write_table(path: str, name: str, shown_results: dict, args):
     ns = sorted({r["n_samples"] for r in shown_results.values()})
     n = f"{ns[0]}" if len(ns) == 1 else f"{ns[0]} to {ns[-1]}"
     header = (f"{name}, attack {args.attack}{scoring}, eps {args.eps * 255:.4g}/255, steps {args.steps}, "
-              f"n {n} images per dataset; accuracy in % [95% Wilson interval]")
+              f"n {n} images per dataset" + ("" if args.subsample_classes == "all" else
+                                              f" of the {args.subsample_classes} classes") +
+              "; accuracy in % [95% Wilson interval]")
     table = runtime.markdown_table(shown_results)
     with open(path, "w") as f:
         f.write(f"{TABLE_MARK} {os.path.basename(args.out)}, rewritten by each run -->\n{header}\n\n{table}\n")

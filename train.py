@@ -51,6 +51,9 @@ def parse_args(argv=None):
     p.formatter_class = EpilogFormatter  # the epilog's one line per recipe kept
     p.add_argument("--dataset", default="synthetic", help="a dataset name (see data.py), synthetic[-task], or a folder of class folders")
     p.add_argument("--data-root", default=None, help="where the datasets lie (default: $NAP_DATA, else ./data)")
+    p.add_argument("--subsample-classes", default="all", choices=("all", "base", "new"),
+                   help="train on the first half of the classes (base) or the rest (new), Dassl's base-to-new split "
+                        "(data.subsample_classes), after the few-shot draw as Dassl does")
     p.add_argument("--arch", default=None, help="toy, an OpenAI model name (ViT-B/16, ...) or a weights file "
                                                 "(default: toy for synthetic data, else ViT-B/16)")
     p.add_argument("--vision-weights", default=None, metavar="FILE",
@@ -527,6 +530,7 @@ def main(argv=None):
     resolution = backbone.visual.input_resolution
     full.transform = data.train_transform(resolution) if args.augment == "crop-flip" else data.eval_transform(resolution)
     train_set = data.few_shot(full, args.shots, args.seed) if args.shots else full
+    train_set = data.subsample_classes(train_set, args.subsample_classes)
     model = build_model(args, backbone, train_set.classnames).to(device)
     views = SeededViews(train_set, args.seed)
     per_epoch = max(len(views) // args.batch_size, 1)  # global batches an epoch (epoch_batches)
