@@ -184,15 +184,19 @@ def tag(eps: str) -> str:
 
 
 def train_once(out: str, run_name: str, seed: int, arch: str, extra: list, runner) -> str:
-    """Trains run_name with this seed into out/RUN/seedS unless a finished run of the same command and backbone
-    is there. An interrupted run of the same command resumes; another command's run is replaced (announced)."""
+    """Trains run_name with this seed into out/RUN/seedS (train_keyed)."""
     folder = run_folder(out, run_name, seed)
-    ckpt, marker = os.path.join(folder, "checkpoint.pt"), os.path.join(folder, "replicate.json")
     command = ["train.py", "--arch", arch, "--dataset", TASK, "--workers", "0", "--out", folder,
                *run_flags(run_name), "--seed", str(seed), *extra]
+    return train_keyed(folder, command, f"{run_name} seed {seed}", f"{run_name}-seed{seed}-train", arch, runner)
+
+
+def train_keyed(folder: str, command: list, label: str, job: str, arch: str, runner) -> str:
+    """Runs a train.py command into folder unless a finished run of the same command and backbone is there.
+    An interrupted run of the same command resumes; another command's run is replaced (announced)."""
+    ckpt, marker = os.path.join(folder, "checkpoint.pt"), os.path.join(folder, "replicate.json")
     key = {"command": command, "backbone": runtime.backbone_record(arch)}
     state = runtime.read_json(marker, {}) or {}
-    label = f"{run_name} seed {seed}"
     if os.path.isfile(ckpt) and state.get("key") == key and state.get("done"):
         print(f"{label}: reusing the finished run in {folder} (same train.py command and backbone)", flush=True)
         return ckpt
@@ -207,7 +211,7 @@ def train_once(out: str, run_name: str, seed: int, arch: str, extra: list, runne
         print(f"{label}: {folder} holds another run ({why}); training anew", flush=True)
         os.remove(ckpt)
     runtime.write_json({"key": key, "done": False}, marker)
-    runner(f"{run_name}-seed{seed}-train", command + resume)
+    runner(job, command + resume)
     runtime.write_json({"key": key, "done": True}, marker)
     return ckpt
 

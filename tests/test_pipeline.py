@@ -115,7 +115,7 @@ def test_evaluation_resumes_from_finished_batches(tiny_weights, tmp_path, monkey
     ("evaluate.py", ["--checkpoint", "{tmp}/corrupt.pt"], "corrupt"),
     ("evaluate.py", ["--method", "nap"], "needs --checkpoint"),
     ("evaluate.py", ["--arch", "{w}", "--dataset", "{tmp}/no/such/tree"], "no folder"),
-    ("evaluate.py", ["--attack", "cw"], "invalid choice"),
+    ("evaluate.py", ["--attack", "cw-l2"], "invalid choice"),
 ])
 def test_bad_input_is_one_clear_line(script, args, message, tiny_weights, tmp_path):
     (tmp_path / "corrupt.pt").write_bytes(b"\x00 not a torch file")
