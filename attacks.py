@@ -1,21 +1,19 @@
-"""Adversarial attacks on image classifiers: fgsm, pgd, cw (PGD on the CW margin), tpgd (TRADES'
-KL), transfer (from a surrogate, with DI's diverse_inputs), apgd, apgd_targeted, fab_targeted,
-square and autoattack (Croce & Hein 2020), plus parse_eps for the CLIs.
+"""Adversarial attacks on image classifiers, each attack(model, x, y, eps, ...) -> x_adv: fgsm
+(Goodfellow et al. 2015), pgd (Madry et al. 2018), cw (PGD on Carlini & Wagner 2017's margin, as
+APT), tpgd (TRADES' KL, Zhang et al. 2019), transfer (I-FGSM, Kurakin et al. 2017, from a surrogate,
+with Xie et al. 2019's diverse_inputs), apgd, apgd_targeted, fab_targeted and autoattack (Croce &
+Hein 2020), square (Andriushchenko et al. 2020).
 
-Every attack is a function attack(model, x, y, eps, ...) -> x_adv. `model` is any callable from
-images in [0,1] (B, ...) to logits (B, C); put it in eval mode first. x_adv has x's shape, dtype
-and device and lies in the eps ball around x (L-inf unless norm="l2") intersected with [0,1].
-Attacks are batched and seeded with a private generator, and stop spending work on a point once the
-model misclassifies it (except pgd(..., early_stop=False), the plain fixed-step version that
-training uses, also on a loss of its own: pgd(..., loss=...); and transfer, which crafts on a
-surrogate and hands every point its crafted image). Steps do not depend on the precision the model
-computes in (fp16, bf16, autocast): the loss is computed on a float64 copy of the logits and its
-gradient, rescaled per point to a max-abs in [1, 2), is what flows back through the model, so a
-confident point's softmax gradient cannot underflow to zero in fp16 (see _loss_grad). Input
-gradients come from torch.autograd.grad w.r.t. the input only, so the model's parameters never get
-a .grad. Bad arguments (images not floats in [0,1], eps or alpha beyond the pixel range, negative
-counts, labels that are not classes of the model) are refused with a one-line ValueError.
-shared/ATTACKS.md restates the algorithms; fra31/auto-attack is the reference implementation.
+`model` maps images in [0,1] (B, ...) to logits (B, C), in eval mode. x_adv has x's shape, dtype
+and device, in [0,1] and the eps ball around x (L-inf unless norm="l2"). Attacks are batched and
+privately seeded, and drop a point once the model misclassifies it (except pgd(...,
+early_stop=False), training's fixed-step version, also on a loss=... of its own, and transfer,
+which hands every point its crafted image). The loss is taken on
+a float64 copy of the logits and its gradient, rescaled per point, flows back, so steps do not
+depend on the model's precision (fp16, bf16: _loss_grad); the parameters never get a .grad. Bad
+arguments (images not floats in [0,1], eps or alpha beyond the pixel range, negative counts, labels
+that are not classes) are refused with a one-line ValueError. shared/ATTACKS.md restates the
+algorithms; fra31/auto-attack is the reference implementation.
 """
 import math
 import numbers
@@ -24,26 +22,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-
-def parse_eps(s):
-    """Parse a radius in pixel units: "4/255", "0.0039" or 0.0039 -> float in [0, 1].
-
-    A value above 1 is refused (it would cover the whole pixel range), "8" with a hint to 8/255."""
-    text = str(s).strip()
-    try:
-        num, _, den = text.partition("/")
-        value = float(num) / float(den) if den else float(num)
-    except (ValueError, ZeroDivisionError):
-        value = math.nan
-    if not math.isfinite(value):
-        raise ValueError(f"eps {s!r} is not a number: give a fraction such as '4/255' "
-                         "or a float such as 0.0157")
-    if value < 0:
-        raise ValueError(f"eps {s!r} is negative; give a radius such as '4/255'")
-    if value > 1:
-        hint = f"did you mean {text}/255?" if not den else "give a radius such as '4/255'"
-        raise ValueError(f"eps {s!r} is larger than the whole [0,1] pixel range; {hint}")
-    return value
+from cmdline import parse_eps  # noqa: F401  (attacks.parse_eps: a radius as the CLIs read it, "4/255" -> 4/255)
 
 
 # ----------------------------------------------------------------------------- shared helpers
@@ -101,6 +80,12 @@ def _check_count(name, value, minimum):
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
+def _check_number(name, value, hint):
+    """Refuse a momentum or kappa that is not a finite real number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < math.inf:
+        raise ValueError(f"{name} must be a number >= 0{hint}, got {value!r}")
+
+
 def _generator(seed, device):
     """A private torch.Generator seeded with `seed`, or None (torch's global RNG) for seed=None."""
     return None if seed is None else torch.Generator(device=device).manual_seed(seed)
@@ -133,8 +118,8 @@ def _direction(g, norm):
 
 
 def _random_start(x, eps, norm, gen, sphere):
-    """Random point of the eps ball around x (uniform in the L-inf cube unless sphere, then on
-    its surface; L2 starts are always on the sphere), clipped to [0,1]."""
+    """Random point of the eps ball around x, clipped to [0,1]: uniform in the L-inf cube, or on
+    the sphere if sphere or norm="l2"."""
     if norm == "linf":
         d = 2 * torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype) - 1
     else:
@@ -144,15 +129,14 @@ def _random_start(x, eps, norm, gen, sphere):
     return (x + eps * d).clamp(0, 1)
 
 
-def _predict(model, x):
-    """Predicted classes (B,) without building a graph."""
+def _logits(model, x):
+    """The model's logits (B, C) without building a graph."""
     with torch.no_grad():
-        return model(x).argmax(1)
+        return model(x)
 
 
 def _check_labels(y, z):
-    """Refuse labels (B,) that are not classes of logits z (B, C): out of range, the attack would
-    silently count the point as misclassified (or crash inside the loss)."""
+    """Refuse labels (B,) that are not classes of logits z (B, C) (else: wrongly "fooled")."""
     bad = (y < 0) | (y >= z.shape[1])
     if bad.any():  # one sync, once per attack
         raise ValueError(f"label {int(y[bad][0])} is not a class of the model, which gives "
@@ -162,8 +146,7 @@ def _check_labels(y, z):
 
 def _clean_logits(model, x, y):
     """The model's logits (B, C) on the clean images, without a graph, its labels y checked."""
-    with torch.no_grad():
-        z = model(x)
+    z = _logits(model, x)
     _check_labels(y, z)
     return z
 
@@ -186,13 +169,10 @@ def _loss_grad(model, x, y, loss_fn, t=None, eot=1, labels=False):
             z = model(x)
             if labels:
                 _check_labels(y, z)
-            # The loss and its gradient g_z w.r.t. the logits are computed on a float64 copy of z,
-            # and g_z / p, p the largest power of 2 <= max|g_z| of the point, flows back through
-            # the model: a confident point's softmax gradient (e^-margin, below fp16's smallest
-            # number beyond a margin of ~17) would underflow to 0 in an fp16 model's backward and
-            # the attack would never move. Sign and L2-normalised steps ignore a positive factor
-            # per point, and a power of 2 scales exactly (FAB's margin loss has p = 1: its
-            # gradient is the true one).
+            # g_z = dloss/dz on a float64 copy of z; g_z / p (p: the largest power of 2 <= the
+            # point's max|g_z|) flows back, or a confident point's softmax gradient (e^-margin)
+            # underflows to 0 in fp16. Sign and L2 steps ignore the factor, exact as a power of 2
+            # (FAB's has p = 1).
             wide = torch.float32 if z.device.type == "mps" else torch.float64  # mps has no float64
             if loss_fn not in _WIDE:  # pgd(loss=...): closures
                 wide = x.dtype  # may hold float32 tensors: x's precision (>= float32), as always
@@ -216,9 +196,14 @@ def _loss_grad(model, x, y, loss_fn, t=None, eot=1, labels=False):
 
 # ----------------------------------------------------------------------------- losses (z, y, t)
 
+def _at(z, y):
+    """z_y per point: (B, C), (B,) -> (B,)."""
+    return z.gather(1, y[:, None])[:, 0]
+
+
 def _margin(z, y):
     """z_y - max_{i!=y} z_i: positive while the model is right."""
-    return z.gather(1, y[:, None])[:, 0] - z.scatter(1, y[:, None], float("-inf")).amax(1)
+    return _at(z, y) - z.scatter(1, y[:, None], float("-inf")).amax(1)
 
 
 def _ce(z, y, t=None):
@@ -238,12 +223,11 @@ def _dlr_targeted(z, y, t):
     if z.shape[1] < 4:
         raise ValueError(f"targeted DLR needs at least 4 classes, the model gives {z.shape[1]}")
     zs = z.sort(1, descending=True).values
-    diff = z.gather(1, y[:, None])[:, 0] - z.gather(1, t[:, None])[:, 0]
-    return -diff / (zs[:, 0] - (zs[:, 2] + zs[:, 3]) / 2 + 1e-12)
+    return -(_at(z, y) - _at(z, t)) / (zs[:, 0] - (zs[:, 2] + zs[:, 3]) / 2 + 1e-12)
 
 
 def _target_margin(z, y, t):
-    return z.gather(1, t[:, None])[:, 0] - z.gather(1, y[:, None])[:, 0]
+    return _at(z, t) - _at(z, y)
 
 
 def _cw(z, y, kappa):
@@ -273,38 +257,24 @@ def pgd(model, x, y, eps, alpha, steps, random_start=True, norm="linf", early_st
         x_init=None, loss=None, momentum=0.0):
     """PGD on the cross-entropy or a given loss: images (B, ...), labels (B,) -> x_adv (B, ...).
 
-    Madry et al. 2018, "Towards Deep Learning Models Resistant to Adversarial Attacks".
-    Distance: L-inf (norm="linf") or L2 (norm="l2"), in pixel units of images in [0,1].
-    Arguments:
-        model: callable images (B, ...) -> logits (B, C); with `loss`, any outputs (B, ...).
-        x: images (B, ...), floats in [0,1]. y: class indices (B,), also handed to `loss`.
-        eps: radius of the ball, e.g. 8/255 (L-inf) or 0.5 (L2). alpha: step size, same units.
-        steps: number of gradient steps (>= 0).
-        random_start (True): start from a uniform point of the L-inf ball (L2: of the sphere).
-        norm ("linf"): "linf" or "l2".
-        early_stop (True, evaluation): a point counts as broken once the clean image or any
-            iterate fools the model; it keeps that image and is attacked no further. False
-            (training): the plain fixed-step attack on every point, returning the last iterate.
-        seed (None): seed of the random start; None draws it from torch's global RNG.
-        x_init (None): starting point (B, ...) instead of the random start, projected onto the
-            ball and box, e.g. a start drawn per image so that it does not depend on the batch.
-        loss (None): None ascends the cross-entropy; else a callable loss(outputs, y) -> (B,),
-            one loss per image, that PGD ascends instead, e.g. a closure for TRADES' KL
-            divergence from the clean prediction or FARE's squared L2 distance to fixed target
-            embeddings. Needs early_stop=False, as the outputs need not be logits.
-        momentum (0.0): the sign momentum of FARE's training attack (Schlarmann et al. 2024,
-            chs20/RobustVLM train/pgd_train.py, where it is 0.9): with d() the unit steepest-ascent
-            direction (sign for L-inf, g / ||g||_2 for L2), a velocity v = 0 becomes
-            v <- d(momentum * v + d(grad)) at each step, and the step goes along v. 0: plain PGD.
+    Madry et al. 2018, "Towards Deep Learning Models Resistant to Adversarial Attacks". eps, alpha:
+    radius and step in pixel units, e.g. 8/255 (L-inf) or 0.5 (L2); steps >= 0.
+        random_start (True): start uniformly in the L-inf ball (L2: on the sphere).
+        norm ("linf"): or "l2". seed (None): of the random start; None: torch's global RNG.
+        early_stop (True, evaluation): a point leaves, keeping that image, once the clean image
+            or an iterate fools the model. False (training): every point gets every step.
+        x_init (None): a start (B, ...) instead of the random one, projected onto ball and box.
+        loss (None): the cross-entropy; else loss(outputs, y) -> (B,) to ascend (`model` may then
+            return any outputs), e.g. TRADES' KL or FARE's L2 distance to target embeddings.
+            Needs early_stop=False.
+        momentum (0.0): FARE's training attack's sign momentum (Schlarmann et al. 2024,
+            chs20/RobustVLM train/pgd_train.py: 0.9): steps go along v <- d(momentum * v + d(g)),
+            v = 0 at first, d the unit steepest-ascent direction. 0: plain PGD.
     Usage: x_adv = pgd(model, x, y, eps=4/255, alpha=1/255, steps=10)
     """
-    x0, y = _prepare(x, y, eps, norm)
-    _check_radius("alpha", alpha, norm, x)
-    _check_count("steps", steps, 0)
+    x0, y, alpha = _prepare_pgd(x, y, eps, alpha, steps, norm)
     loss_fn = _ce if loss is None else _custom_loss(loss, early_stop)
-    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) \
-            or not 0 <= momentum < math.inf:
-        raise ValueError(f"momentum must be a number >= 0 such as 0.9 (FARE's), got {momentum!r}")
+    _check_number("momentum", momentum, " such as 0.9 (FARE's)")
     x_adv = _pgd_start(x0, eps, norm, random_start, seed, x_init)
     return _ascend(model, x0, y, x_adv, eps, alpha, steps, loss_fn, norm, early_stop,
                    momentum=momentum, check_labels=loss is None).to(x.dtype)
@@ -314,11 +284,9 @@ def _ascend(model, x0, y, x_adv, eps, alpha, steps, loss_fn, norm="linf", early_
             momentum=0.0, z_clean=None, check_labels=True):
     """pgd's loop, also cw's, tpgd's and transfer's: start x_adv (B, ...) -> x_adv (B, ...).
 
-    `steps` unit steps of size alpha up loss_fn(z, y, t), each projected onto the eps ball around
-    x0 and the box. t: the loss's per-point argument (B, ...), e.g. the clean logits of TRADES' KL;
-    None passes y. early_stop: a point leaves once the clean image (logits z_clean, computed when
-    None) or an iterate fools the model, keeping that image. check_labels (early_stop=False): check
-    y against the logits of the first step."""
+    `steps` unit steps of alpha up loss_fn(z, y, t) (t (B, ...), e.g. TRADES' clean logits; None:
+    y), projected onto ball and box. early_stop: a point leaves, keeping that image, once the clean
+    image (logits z_clean, or computed) or an iterate fools the model."""
     t = y if t is None else t
     v = torch.zeros_like(x_adv)  # the momentum's velocity
 
@@ -341,8 +309,7 @@ def _ascend(model, x0, y, x_adv, eps, alpha, steps, loss_fn, norm="linf", early_
         if not len(i):
             break
         if step == steps:  # the last iterate only needs a prediction
-            with torch.no_grad():
-                z = model(x_adv)
+            z = _logits(model, x_adv)
         else:
             _, g, z = _loss_grad(model, x_adv, y, loss_fn, t)
         fooled = z.argmax(1) != y
@@ -358,8 +325,8 @@ def _ascend(model, x0, y, x_adv, eps, alpha, steps, loss_fn, norm="linf", early_
 
 
 def _pgd_start(x, eps, norm, random_start, seed, x_init):
-    """pgd's first iterate (B, ...): x_init projected onto the ball and box, else a random point of
-    the ball (random_start), else x itself."""
+    """pgd's first iterate (B, ...): x_init projected onto ball and box, a random point of the
+    ball (random_start) or x."""
     if x_init is not None and (not torch.is_tensor(x_init) or x_init.shape != x.shape):
         got = tuple(x_init.shape) if torch.is_tensor(x_init) else type(x_init).__name__
         raise ValueError(f"x_init must be a tensor of the images' shape {tuple(x.shape)}, "
@@ -392,11 +359,13 @@ def _custom_loss(loss, early_stop):
 
 # ----------------------------------------------------------------------------- CW, TPGD, transfer
 
-def _pgd_alpha(alpha, eps, x):
-    """A step size checked like eps; None -> eps / 4, the step of APT's CW and TPGD evaluations."""
-    alpha = eps / 4 if alpha is None else alpha
-    _check_radius("alpha", alpha, "linf", x)
-    return alpha
+def _prepare_pgd(x, y, eps, alpha, steps, norm="linf", apt=False):
+    """_prepare, alpha (apt: None is eps / 4, APT's CW and TPGD step) and steps: -> x0, y, alpha."""
+    x0, y = _prepare(x, y, eps, norm)
+    alpha = eps / 4 if apt and alpha is None else alpha
+    _check_radius("alpha", alpha, norm, x)
+    _check_count("steps", steps, 0)
+    return x0, y, alpha
 
 
 def cw(model, x, y, eps, alpha=None, steps=100, kappa=0.0, random_start=False, early_stop=True,
@@ -404,25 +373,15 @@ def cw(model, x, y, eps, alpha=None, steps=100, kappa=0.0, random_start=False, e
     """PGD on the Carlini-Wagner margin (L-inf): images (B, ...), labels (B,) -> x_adv (B, ...).
 
     Carlini & Wagner 2017's margin as APT (Li et al. 2024, TreeLLi/APT apt/evaluate.py, CWLoss and
-    its pgd) ascends it beside PGD-CE: loss = -max(z_y - max_{i!=y} z_i + kappa, 0), signed steps,
-    no random start. The clamp makes a point's gradient 0 once max_{i!=y} z_i >= z_y + kappa.
-    (torchattacks.CWLinf is another attack: Adam on tanh-space variables, no eps ball.)
-    Arguments:
-        model: callable images (B, ...) -> logits (B, C). x: images in [0,1]. y: classes (B,).
-        eps: L-inf radius in pixel units, e.g. 1/255.
-        alpha (None): step size; None is eps / 4, APT's. steps (100): APT's.
-        kappa (0.0): the confidence, APT's default; >= 0.
-        random_start (False): start from a uniform point of the ball instead of x (APT: x).
-        early_stop (True): as pgd's (a point is broken once the clean image or any iterate fools
-            the model); False returns the last iterate of every point.
-        seed (None): seed of the random start; None draws it from torch's global RNG.
+    its pgd) ascends it: -max(z_y - max_{i!=y} z_i + kappa, 0), signed steps, no random start.
+    (torchattacks.CWLinf is another attack: Adam in tanh space, no eps ball.)
+        alpha (None): step size; None is eps / 4, APT's. steps (100), kappa (0.0, >= 0): APT's.
+        random_start (False): start uniformly in the ball instead of at x (APT: x).
+        early_stop (True): as pgd's. seed (None): of the random start; None: torch's global RNG.
     Usage: x_adv = cw(model, x, y, eps=4/255, alpha=1/255, steps=100)
     """
-    x0, y = _prepare(x, y, eps)
-    alpha = _pgd_alpha(alpha, eps, x)
-    _check_count("steps", steps, 0)
-    if isinstance(kappa, bool) or not isinstance(kappa, numbers.Real) or not 0 <= kappa < math.inf:
-        raise ValueError(f"kappa must be a number >= 0 (the margin's confidence), got {kappa!r}")
+    x0, y, alpha = _prepare_pgd(x, y, eps, alpha, steps, apt=True)
+    _check_number("kappa", kappa, " (the margin's confidence)")
     x_adv = _pgd_start(x0, eps, "linf", random_start, seed, None)
     kappa = torch.full((len(x0),), float(kappa), dtype=x0.dtype, device=x0.device)
     return _ascend(model, x0, y, x_adv, eps, alpha, steps, _cw, "linf", early_stop,
@@ -433,25 +392,17 @@ def tpgd(model, x, y, eps, alpha=None, steps=100, early_stop=True, seed=None):
     """TPGD, TRADES' attack: L-inf PGD on KL(softmax(clean) || softmax(adv)): (B, ...) -> (B, ...).
 
     Zhang et al. 2019, "Theoretically Principled Trade-off between Robustness and Accuracy"; as
-    torchattacks.TPGD: start at x + 0.001 * N(0, 1) (here also projected onto the ball, which
-    torchattacks leaves to the first step), signed steps up the KL divergence of the model's
-    prediction from its clean one. The loss needs no labels; y is what robust accuracy (and early
-    stopping) is measured against. APT evaluates with torchattacks.TPGD(alpha=eps/4, steps=100).
-    Arguments:
-        model: callable images (B, ...) -> logits (B, C). x: images in [0,1]. y: classes (B,).
-        eps: L-inf radius in pixel units. alpha (None): step size; None is eps / 4, APT's.
-        steps (100): APT's (torchattacks' default is 7).
-        early_stop (True): as pgd's; False returns the last iterate of every point.
-        seed (None): seed of the Gaussian start; None draws it from torch's global RNG.
-    Not a margin attack: it leaves some points a PGD-CE breaks. Its gradient is made of small
-    differences of logits near the clean image, which a model computing in fp16 rounds: there it
-    is weaker still (measured on the tests' confident toy classifier, 20 steps: PGD-CE broke the 20
-    breakable points of 40 in either precision, TPGD 15 in fp32 and 13 in fp16).
+    torchattacks.TPGD: start at x + 0.001 * N(0, 1) (here projected onto the ball), signed steps
+    up the KL divergence from the clean prediction; y only measures accuracy. APT evaluates with
+    torchattacks.TPGD(alpha=eps/4, steps=100).
+        alpha (None): step size; None is eps / 4, APT's. steps (100): APT's (torchattacks': 7).
+        early_stop (True): as pgd's. seed (None): of the Gaussian start; None: torch's global RNG.
+    Not a margin attack: it misses points PGD-CE breaks, more so in fp16, which rounds its small
+    logit differences (the tests' toy classifier, 20 steps: PGD-CE broke the 20 breakable points
+    of 40 in either precision, TPGD 15 in fp32 and 13 in fp16).
     Usage: x_adv = tpgd(model, x, y, eps=4/255, alpha=1/255, steps=100)
     """
-    x0, y = _prepare(x, y, eps)
-    alpha = _pgd_alpha(alpha, eps, x)
-    _check_count("steps", steps, 0)
+    x0, y, alpha = _prepare_pgd(x, y, eps, alpha, steps, apt=True)
     z_clean = _clean_logits(model, x0, y)
     gen = _generator(seed, x.device)
     noise = torch.randn(x0.shape, generator=gen, device=x.device, dtype=x0.dtype)
@@ -464,13 +415,12 @@ def diverse_inputs(x, p, gen=None, resize_rate=0.9):
     """DI-FGSM's input diversity: images (B, C, S, S) -> resized, zero-padded back (probability p).
 
     Xie et al. 2019, "Improving Transferability of Adversarial Examples with Input Diversity", as
-    torchattacks.DIFGSM draws it (its defaults resize_rate 0.9, diversity_prob 0.5, which the
-    baselines' `di` attack uses: xinwong/Multimodal-Adversarial-Prompt-Tuning, trainers/advvpt.py
-    before_adv_test), one draw per call for the whole batch, from gen in this order: a coin (below
-    p: transform), a side rnd uniform in [floor(resize_rate * S), S - 1], top and left each uniform
-    in [0, S - rnd - 1]; then a bilinear resize (align_corners=False, no antialiasing) to rnd x
-    rnd, placed at (top, left) in an S x S frame of zeros. Xie et al. enlarge instead (299 -> [299,
-    330), padded to 330), which changes the size: CLIP's encoders take one size.
+    torchattacks.DIFGSM (resize_rate 0.9, diversity_prob 0.5: the baselines' `di`,
+    xinwong/Multimodal-Adversarial-Prompt-Tuning, trainers/advvpt.py before_adv_test), one draw
+    per call, from gen in order: a coin (below p: transform), a side rnd in [floor(resize_rate *
+    S), S - 1], top and left in [0, S - rnd - 1]; a bilinear resize (align_corners=False, no
+    antialiasing) to rnd x rnd, at (top, left) in S x S zeros. (Xie et al. enlarge instead, which
+    changes the size: CLIP's encoders take one size.)
     """
     _check_diversity(x, p, resize_rate)
 
@@ -488,7 +438,7 @@ def diverse_inputs(x, p, gen=None, resize_rate=0.9):
 
 def _check_diversity(x, p, resize_rate=0.9):
     """Refuse a DI probability outside [0, 1], a resize_rate outside (0, 1), or images that are not
-    square (B, C, S, S) with at least one pixel left after the resize."""
+    (B, C, S, S) with a pixel left after the resize."""
     if not isinstance(p, numbers.Real) or isinstance(p, bool) or not 0 <= p <= 1:
         raise ValueError(f"the input diversity probability must be in [0, 1], got {p!r}")
     if not isinstance(resize_rate, numbers.Real) or not 0 < resize_rate < 1:
@@ -502,33 +452,24 @@ def _check_diversity(x, p, resize_rate=0.9):
 def transfer(model, x, y, eps, surrogate, alpha=1 / 255, steps=100, diversity=0.0, seed=None):
     """Transfer attack: I-FGSM (DI-FGSM) on a surrogate: (B, C, H, W), (B,) -> (B, C, H, W).
 
-    Kurakin et al. 2017's iterative FGSM (from x, `steps` signed steps of alpha up the surrogate's
-    cross-entropy, projected onto the ball and box) with Xie et al. 2019's input diversity
-    (diverse_inputs) with probability `diversity` at each step: torchattacks.DIFGSM with decay 0
-    (no momentum), the baselines' `di` attack (see diverse_inputs), run on a surrogate. `model`
-    is only asked for its number of classes: every point gets every step on the surrogate, and the
-    crafted images do not depend on the model (one crafting serves every model: evaluate.py
-    --save-adv), which sees only them, as a black-box model would. So a point the model gets wrong
-    on the clean image gets a crafted image too, which may happen to fool it less: count a point
-    broken where the model is wrong on either image to keep robust <= clean accuracy point by
-    point, as the other attacks do (evaluate.py --pgd-score any), or on the crafted one alone
-    (--pgd-score last, the baselines' scoring).
-    Arguments:
-        model: the target, callable images -> logits (B, C). surrogate: callable images -> logits
-            (B, C) of the same classes in the same order (refused otherwise).
-        eps: L-inf radius in pixel units. alpha (1/255), steps (100): the baselines' test attack.
-        diversity (0.0): the probability p of DI's transform (torchattacks' default 0.5); 0 is
-            plain I-FGSM.
-        seed (None): seed of DI's draws; None draws them from torch's global RNG.
+    Kurakin et al. 2017's iterative FGSM (signed steps from x up the surrogate's cross-entropy)
+    with Xie et al. 2019's diverse_inputs at each step with probability `diversity`:
+    torchattacks.DIFGSM with decay 0, the baselines' `di` attack. `model` only gives its number of
+    classes: every point gets every step, and the crafted images do not depend on the model
+    (evaluate.py --save-adv). So a point the model gets wrong clean gets a crafted image too,
+    which may fool it less: count it broken where the model is wrong on either image (evaluate.py
+    --pgd-score any: robust <= clean point by point) or on the crafted one (--pgd-score last, the
+    baselines').
+        surrogate: images -> logits (B, C) of the model's classes in its order (else refused).
+        alpha (1/255), steps (100): the baselines' test attack.
+        diversity (0.0): DI's probability p (torchattacks': 0.5); 0 is plain I-FGSM.
+        seed (None): of DI's draws; None: torch's global RNG.
     Usage: x_adv = transfer(target, x, y, eps=4/255, surrogate=zero_shot, diversity=0.5, seed=0)
     """
-    x0, y = _prepare(x, y, eps)
-    _check_radius("alpha", alpha, "linf", x)
-    _check_count("steps", steps, 0)
+    x0, y, alpha = _prepare_pgd(x, y, eps, alpha, steps)
     _check_diversity(x0, diversity)
     classes = _clean_logits(model, x0, y).shape[1]
-    with torch.no_grad():
-        theirs = surrogate(x0).shape[1]
+    theirs = _logits(surrogate, x0).shape[1]
     if theirs != classes:
         raise ValueError(f"the surrogate gives {theirs} logits, the model {classes}: a transfer "
                          "attack needs a surrogate of the same classes")
@@ -541,8 +482,8 @@ def transfer(model, x, y, eps, surrogate, alpha=1 / 255, steps=100, diversity=0.
 # ----------------------------------------------------------------------------- APGD
 
 def _checkpoints(steps):
-    """APGD's step-size checkpoints w_j = ceil(p_j * steps), p_1 = 0.22,
-    p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06), as 1-based step counts."""
+    """APGD's checkpoints, 1-based steps: ceil(p_j * steps), p_1 = 0.22,
+    p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)."""
     p_prev, p, w = 0.0, 0.22, set()
     while p <= 1:
         w.add(math.ceil(round(p * steps, 6)))
@@ -551,10 +492,8 @@ def _checkpoints(steps):
 
 
 def _apgd_run(model, x, y, eps, steps, loss_fn, norm, gen, t=None, eot=1, rho=0.75):
-    """One APGD run on points (n, ...) from a random start on the eps sphere.
-
-    Returns (x_out, fooled (n,)): x_out holds the first iterate that fooled the model where one
-    did (such points leave the run at once) and the highest-loss iterate elsewhere."""
+    """One APGD run on points (n, ...) from a random start on the eps sphere: -> (x_out, fooled
+    (n,)), x_out the first iterate that fooled the model (the point then leaves) or the best."""
     adv = _random_start(x, eps, norm, gen, True)
     loss, g, z = _loss_grad(model, adv, y, loss_fn, t, eot)
     out, fooled = adv.clone(), z.argmax(1) != y
@@ -593,12 +532,24 @@ def _apgd_run(model, x, y, eps, steps, loss_fn, norm, gen, t=None, eot=1, rho=0.
     return out, broken
 
 
+def _apgd_runs(model, x0, y, eps, steps, norm, seed, robust, runs, eot=1):
+    """An APGD run per (loss_fn, targets (B,) or None) on the points still `robust`: -> (B, ...)."""
+    gen, out = _generator(seed, x0.device), x0.clone()
+    for loss_fn, t in runs:
+        i = robust.nonzero()[:, 0]
+        if not len(i):
+            break
+        t = None if t is None else t[i]
+        out[i], fooled = _apgd_run(model, x0[i], y[i], eps, steps, loss_fn, norm, gen, t, eot)
+        robust[i[fooled]] = False
+    return out
+
+
 def apgd(model, x, y, eps, steps=100, loss="ce", restarts=1, seed=0, norm="linf", eot=1):
     """APGD (Croce & Hein 2020) on the "ce" or "dlr" loss: (B, ...) -> x_adv (B, ...).
 
-    Each restart runs on the points still robust; eot > 1 averages loss, gradient and logits
-    over that many forward passes (for randomised models). Points never broken get the
-    highest-loss iterate of their last run."""
+    Each restart runs on the points still robust; eot > 1 averages loss, gradient and logits over
+    that many passes (randomised models). A point never broken gets its last run's best iterate."""
     losses = {"ce": _ce, "dlr": _dlr}
     if loss not in losses:
         raise ValueError(f"loss must be 'ce' or 'dlr', got {loss!r}")
@@ -606,35 +557,26 @@ def apgd(model, x, y, eps, steps=100, loss="ce", restarts=1, seed=0, norm="linf"
     _check_count("steps", steps, 0)
     _check_count("restarts", restarts, 1)
     _check_count("eot", eot, 1)
-    gen, out = _generator(seed, x.device), x0.clone()
     robust = _clean_logits(model, x0, y).argmax(1) == y
-    for _ in range(restarts):
-        i = robust.nonzero()[:, 0]
-        if not len(i):
-            break
-        out[i], fooled = _apgd_run(model, x0[i], y[i], eps, steps, losses[loss], norm, gen, eot=eot)
-        robust[i[fooled]] = False
-    return out.to(x.dtype)
+    runs = [(losses[loss], None)] * restarts
+    return _apgd_runs(model, x0, y, eps, steps, norm, seed, robust, runs, eot).to(x.dtype)
 
 
 def apgd_targeted(model, x, y, eps, steps=100, n_targets=9, seed=0, norm="linf"):
     """APGD-T: one APGD run on the targeted DLR loss for each of the n_targets classes ranked
     highest by clean logit after y, each on the points still robust: (B, ...) -> (B, ...)."""
+    x0, y, robust, targets = _prepare_targeted(model, x, y, eps, norm, steps, n_targets)
+    runs = [(_dlr_targeted, t) for t in targets.T]
+    return _apgd_runs(model, x0, y, eps, steps, norm, seed, robust, runs).to(x.dtype)
+
+
+def _prepare_targeted(model, x, y, eps, norm, steps, n_targets):
+    """APGD-T's and FAB-T's checks: -> x0, y, correct (B,), the n_targets next classes (B, k)."""
     x0, y = _prepare(x, y, eps, norm)
     _check_count("steps", steps, 0)
     _check_count("n_targets", n_targets, 1)
-    gen, out = _generator(seed, x.device), x0.clone()
     z = _clean_logits(model, x0, y)
-    robust = z.argmax(1) == y
-    targets = z.argsort(1, descending=True)[:, 1:n_targets + 1]
-    for k in range(targets.shape[1]):
-        i = robust.nonzero()[:, 0]
-        if not len(i):
-            break
-        out[i], fooled = _apgd_run(model, x0[i], y[i], eps, steps, _dlr_targeted, norm, gen,
-                                   t=targets[i, k])
-        robust[i[fooled]] = False
-    return out.to(x.dtype)
+    return x0, y, z.argmax(1) == y, z.argsort(1, descending=True)[:, 1:n_targets + 1]
 
 
 # ----------------------------------------------------------------------------- FAB-T
@@ -657,11 +599,11 @@ def _project_hyperplane(p, w, c):
 
 def _final_search(model, x, y, x_adv, steps=10):
     """Shrink each perturbation x_adv - x by bisection along its segment, keeping it adversarial."""
-    hi = torch.ones(len(x), dtype=x.dtype, device=x.device)
+    hi = x.new_ones(len(x))
     lo = torch.zeros_like(hi)
     for _ in range(steps):
         mid = (lo + hi) / 2
-        fooled = _predict(model, x + _bc(mid, x) * (x_adv - x)) != y
+        fooled = _logits(model, x + _bc(mid, x) * (x_adv - x)).argmax(1) != y
         lo, hi = torch.where(fooled, lo, mid), torch.where(fooled, mid, hi)
     return torch.where(_bc(hi < 1, x), x + _bc(hi, x) * (x_adv - x), x_adv)
 
@@ -670,7 +612,7 @@ def _fab_run(model, x, y, t, eps, steps, early_stop, alpha_max=0.1, eta=1.05, be
     """Targeted FAB (L-inf) from x itself towards classes t, on points (n, ...) that the model
     classifies correctly. Returns (x_adv, dist (n,)): the closest adversarial found and its
     L-inf distance (inf where none). early_stop drops points once dist <= eps."""
-    best, dist = x.clone(), torch.full((len(x),), math.inf, dtype=x.dtype, device=x.device)
+    best, dist = x.clone(), x.new_full((len(x),), math.inf)
     i, xa, ya, ta, cur = torch.arange(len(x), device=x.device), x, y, t, x.clone()
     for _ in range(steps):
         if not len(i):
@@ -683,7 +625,7 @@ def _fab_run(model, x, y, t, eps, steps, early_stop, alpha_max=0.1, eta=1.05, be
         n1, n2 = _norm(d1, "linf").clamp_min(1e-8), _norm(d2, "linf").clamp_min(1e-8)
         alpha = _bc((n1 / (n1 + n2)).clamp(0, alpha_max), cur)
         cur = ((cur + eta * d1) * (1 - alpha) + (xa + eta * d2) * alpha).clamp(0, 1)
-        fooled = _predict(model, cur) != ya
+        fooled = _logits(model, cur).argmax(1) != ya
         d = _norm(cur - xa, "linf")
         better = fooled & (d < dist[i])
         best[i[better]], dist[i[better]] = cur[better], d[better]
@@ -700,15 +642,10 @@ def _fab_run(model, x, y, t, eps, steps, early_stop, alpha_max=0.1, eta=1.05, be
 def fab_targeted(model, x, y, eps, steps=100, n_targets=9, early_stop=True):
     """FAB-T (Croce & Hein 2020, L-inf): minimum-norm attack towards each of the n_targets classes
     ranked highest by clean logit after y: (B, ...) -> (B, ...). A point is broken only if the
-    closest adversarial found is within eps; others come back unchanged. early_stop=False keeps
-    minimising on every point and target (to measure the smallest perturbation, e.g. eps=1)."""
-    x0, y = _prepare(x, y, eps)
-    _check_count("steps", steps, 0)
-    _check_count("n_targets", n_targets, 1)
-    z = _clean_logits(model, x0, y)
-    correct = z.argmax(1) == y
-    targets = z.argsort(1, descending=True)[:, 1:n_targets + 1]
-    out, dist = x0.clone(), torch.full((len(x0),), math.inf, dtype=x0.dtype, device=x0.device)
+    closest adversarial found is within eps, else unchanged. early_stop=False minimises on every
+    point and target (to measure the smallest perturbation, e.g. eps=1)."""
+    x0, y, correct, targets = _prepare_targeted(model, x, y, eps, "linf", steps, n_targets)
+    out, dist = x0.clone(), x0.new_full((len(x0),), math.inf)
     for k in range(targets.shape[1]):
         i = (correct & (dist > eps) if early_stop else correct).nonzero()[:, 0]
         if not len(i):
@@ -723,8 +660,8 @@ def fab_targeted(model, x, y, eps, steps=100, n_targets=9, early_stop=True):
 # ----------------------------------------------------------------------------- Square
 
 def _square_p(it, p_init):
-    """Fraction of the image the square covers at proposal `it`: Square Attack's piecewise
-    schedule, not rescaled to the query budget (as in AutoAttack)."""
+    """Square Attack's fraction of the image the square covers at proposal `it` (not rescaled to
+    the query budget, as AutoAttack)."""
     for k, bound in enumerate((10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)):
         if it <= bound:
             return p_init / 2 ** k
@@ -733,8 +670,8 @@ def _square_p(it, p_init):
 
 def square(model, x, y, eps, queries=5000, p_init=0.8, seed=0):
     """Square Attack (Andriushchenko et al. 2020, L-inf): random search on the margin loss from a
-    vertical-stripe start, then `queries` square proposals at most per point, each accepted only
-    if it lowers the margin: images (B, C, H, W) -> (B, C, H, W)."""
+    vertical-stripe start, then at most `queries` square proposals per point, kept if they lower
+    the margin: images (B, C, H, W) -> (B, C, H, W)."""
     x0, y = _prepare(x, y, eps)
     _check_count("queries", queries, 0)
     if not (isinstance(p_init, numbers.Real) and 0 < p_init <= 1):
@@ -751,8 +688,7 @@ def square(model, x, y, eps, queries=5000, p_init=0.8, seed=0):
         return out.to(x.dtype)
     xa, ya = x0[i], y[i]
     best = _project(xa + eps * sign(len(i), c, 1, w), xa, eps, "linf")
-    with torch.no_grad():
-        z = model(best)
+    z = _logits(model, best)
     margin, fooled = _margin(z, ya), z.argmax(1) != ya
     out[i[fooled]] = best[fooled]
     rows, cols = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
@@ -767,8 +703,7 @@ def square(model, x, y, eps, queries=5000, p_init=0.8, seed=0):
         r, q = rows.view(1, 1, h, 1) - vh, cols.view(1, 1, 1, w) - vw
         mask = (r >= 0) & (r < s) & (q >= 0) & (q < s)  # one s x s square per image
         cand = _project(best + mask * (2 * eps * sign(len(i), c, 1, 1)), xa, eps, "linf")
-        with torch.no_grad():
-            z = model(cand)
+        z = _logits(model, cand)
         m = _margin(z, ya)
         better = m < margin
         best, margin = torch.where(_bc(better, best), cand, best), torch.where(better, m, margin)
@@ -784,15 +719,14 @@ def autoattack(model, x, y, eps, version="standard", seed=0, steps=100, queries=
                return_info=False):
     """AutoAttack (Croce & Hein 2020, L-inf) or its reduced ensemble: (B, ...) -> x_adv (B, ...).
 
-    Members run in the published order, each on the points still robust, and each point keeps
-    the first adversarial found (the worst case). "standard": APGD-CE, APGD-T (9 targets),
-    FAB-T (9 targets), Square (`queries`); "rand", for randomised defences: APGD-CE and APGD-DLR
-    with 20 EOT samples per gradient. "apgd-ce+apgd-t" is NOT AutoAttack but the reduced ensemble
-    that TeCoA (Mao et al. 2023) and RobustVLM (Schlarmann et al. 2024) report as "AA": APGD-CE
-    then APGD-T (9 targets); name it "apgd-ce+apgd-t" in results. With return_info, returns
-    (x_adv, info): info["clean"] and info["robust"] count the points classified correctly before
-    and after, info[member] the points that member broke, e.g. {"clean": 90, "apgd-ce": 50, ...,
-    "robust": 30}."""
+    Members run in the published order, each on the points still robust; a point keeps the first
+    adversarial found. "standard": APGD-CE, APGD-T (9 targets), FAB-T (9 targets), Square
+    (`queries`); "rand", for randomised defences: APGD-CE and APGD-DLR with 20 EOT samples.
+    "apgd-ce+apgd-t" (APGD-CE, APGD-T) is NOT AutoAttack but the reduced ensemble that TeCoA
+    (Mao et al. 2023) and RobustVLM (Schlarmann et al. 2024) report as "AA"; name it
+    "apgd-ce+apgd-t" in results. return_info: (x_adv, info), info["clean"] and info["robust"] the
+    points right before and after, info[member] the points it broke, e.g. {"clean": 90,
+    "apgd-ce": 50, ..., "robust": 30}."""
     members = {
         "standard": [("apgd-ce", partial(apgd, steps=steps, seed=seed)),
                      ("apgd-t", partial(apgd_targeted, steps=steps, seed=seed)),
@@ -815,7 +749,7 @@ def autoattack(model, x, y, eps, version="standard", seed=0, steps=100, queries=
         broken = torch.zeros(0, dtype=torch.bool)
         if len(i):
             adv = attack(model, x0[i], y[i], eps)
-            broken = _predict(model, adv) != y[i]
+            broken = _logits(model, adv).argmax(1) != y[i]
             out[i[broken]], robust[i[broken]] = adv[broken], False
         info[name] = int(broken.sum())
     info["robust"] = int(robust.sum())
