@@ -609,6 +609,15 @@ class ClassSubset(Subset):
     def __getitems__(self, items):
         return [self[i] for i in items]
 
+    @property
+    def transform(self):
+        """The transform of the dataset it draws from (setting it sets that one's)."""
+        return self.dataset.transform
+
+    @transform.setter
+    def transform(self, transform):
+        self.dataset.transform = transform
+
 
 def subsample_classes(dataset, which="all"):
     """Base-to-new split, Dassl's `subsample_classes` rule: of the n classes (labels sorted), the first

@@ -65,8 +65,9 @@ def parse_args(argv=None):
                    help="the model's method (default: the checkpoint's; without --checkpoint zeroshot, the only one)")
     p.add_argument("--template", default=None, help="zero-shot prompt with {} for the class, for zeroshot, tecoa and fare "
                    "(default: CoOp's per-dataset template, e.g. 'a photo of a {}, a type of pet.'; else 'a photo of a {}.')")
-    p.add_argument("--dataset", nargs="+", default=None, help="one or more datasets (default: ImageNet + the paper's 9 "
-                                                               "transfer datasets; every synthetic task for --arch toy)")
+    p.add_argument("--dataset", nargs="+", default=None, help="one or more datasets (default: ImageNet + the 9 transfer "
+                                                               "datasets [B] evaluates, data.PAPER_EVAL; every synthetic "
+                                                               "task for --arch toy)")
     p.add_argument("--data-root", default=None, help="where the datasets lie (default: $NAP_DATA, else ./data)")
     p.add_argument("--subsample-classes", default="all", choices=("all", "base", "new"),
                    help="score the first half of each dataset's classes (base) or the rest (new), relabelled, Dassl's "

@@ -100,8 +100,6 @@ def parse_args(argv=None):
         args.datasets = DATASETS[args.protocol][0 if not toy else 1]
     if args.protocol in ("domain", "cross-dataset") and args.datasets is not None and len(args.datasets) < 2:
         p.error(f"{args.protocol} trains on the first of --datasets and tests on the others: give at least two")
-    if not toy and args.data_root and not os.path.isdir(os.path.expanduser(args.data_root)):
-        p.error(f"--data-root {args.data_root}: no such folder")
     args.seed_list = list(range(1, args.seeds + 1))
     return args
 
@@ -290,6 +288,9 @@ def table(args, rows: dict, columns: list) -> str:
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.data_root and not os.path.isdir(os.path.expanduser(args.data_root)):
+        cmdline.fail(f"--data-root {args.data_root}: no such folder; give the folder that holds the datasets "
+                     f"(DATASETS.md)")
     import replicate
     import runtime
     import synthetic

@@ -623,6 +623,9 @@ def test_base_classes_few_shot_in_either_order_and_fingerprints_differ(tmp_path)
     assert sorted(first.dataset.indices[i] for i in first.indices) == sorted(base.indices[i] for i in then.indices)
     prints = {data.fingerprint(d) for d in (full, base, data.subsample_classes(full, "new"), then)}
     assert len(prints) == 4
+    base.transform = data.eval_transform(8)  # as evaluate.py sets it: on the images it draws from
+    image, label = base[len(base) - 1]
+    assert full.transform is base.transform and image.shape == (3, 8, 8) and label == 2
 
 
 # ----- transforms and loaders --------------------------------------------------------------------

@@ -56,6 +56,8 @@ def test_each_protocol_trains_and_scores_what_it_says():
     (["domain", "--datasets", "synthetic"], "at least two"),
     (["domain", "--eps", "one"], "--eps"),
     (["other"], "invalid choice"),
+    (["domain", "--eps", "8"], "did you mean 8/255"),
+    (["domain", "--arch", "ViT-B/16", "--data-root", "/nonexistent/data"], "no such folder"),
 ])
 def test_bad_arguments_are_one_line_before_torch(argv, fragment):
     r = subprocess.run([sys.executable, "-X", "importtime", os.path.join(ROOT, "protocols.py"), *argv], cwd=ROOT,

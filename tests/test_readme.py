@@ -73,6 +73,15 @@ def test_real_protocol_commands_parse():
             {"train.py": train.parse_args, "evaluate.py": evaluate.parse_args}[found[0]](found[1])
 
 
+def test_protocol_commands_parse():
+    """protocols.py's commands: each parses as written (tests/test_protocols.py runs one on a reduced budget)."""
+    import protocols
+    found = [c[c.index("protocols.py") + 1:] for c in readme_commands() if "protocols.py" in c]
+    assert {a[0] for a in found} == set(protocols.PROTOCOLS)
+    for args in found:
+        protocols.parse_args(args)
+
+
 def test_offline_commands_run_as_written(sandbox):
     work, env = sandbox
     ran = 0
