@@ -1,6 +1,7 @@
 """replicate.py through the CLIs on a tiny CLIP saved to a file: tables equal the JSONs, reruns reuse and a
 changed command retrains, controls and fine-tuned encoders join the tables; the runs of the ablation and the
-transfer investigation build the intended models; figures.py draws from fake results, one colour per method."""
+transfer investigation build the intended models; figures.py draws from fake results, one colour and marker per
+method, every series of a figure told apart in it and its legend, legible at the README's width."""
 import json
 import math
 import os
@@ -203,7 +204,7 @@ def test_figures_from_fake_results_keep_one_colour_per_method(tmp_path, monkeypa
 
     def capture(fig, path):
         drawn[os.path.basename(path)] = {
-            "labels": [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()],
+            "labels": [t.get_text() for legend in fig.legends for t in legend.get_texts()],
             "axes": [(ax.get_xlabel(), ax.get_ylabel()) for ax in fig.axes]}
         return save(fig, path)
 
@@ -213,10 +214,12 @@ def test_figures_from_fake_results_keep_one_colour_per_method(tmp_path, monkeypa
     assert [os.path.basename(p) for p in paths] == list(figures.FILES)
     for p in paths:
         assert os.path.getsize(p) > 20_000
-    assert drawn["eps-sweep.png"]["axes"] == [("eps (/255)", "robust accuracy (%)")]
-    assert drawn["eps-sweep.png"]["labels"] == list(results["sweep"])
+    assert [x.split(";")[0] for x, _ in drawn["eps-sweep.png"]["axes"]] == ["eps (/255)"]
+    assert drawn["eps-sweep.png"]["axes"][0][1] == "robust accuracy (%)"
+    assert drawn["eps-sweep.png"]["labels"] == [f"{run}\n{figures.describe(run)}" for run in results["sweep"]]
     assert all(y.endswith("accuracy (%)") or "accuracy (%)," in y for f in drawn.values() for _, y in f["axes"])
-    assert f"tecoa ({results['runs']['tecoa']['params']:,} trained parameters)" in drawn["frozen-vs-finetuned.png"]["labels"]
+    assert (f"tecoa ({results['runs']['tecoa']['params']:,} trained parameters)\nTeCoA, own recipe (control)"
+            in drawn["frozen-vs-finetuned.png"]["labels"])
     # each method is drawn in its colour wherever it appears, and its colour appears nowhere else
     where = {"nap": set(figures.FILES), "tecoa": {"eps-sweep.png", "frozen-vs-finetuned.png"},
              "advmaple": {"eps-sweep.png", "transfer.png"}, "nap-norefine": {"depth-refiners.png", "transfer.png"},
@@ -230,6 +233,77 @@ def test_figures_from_fake_results_keep_one_colour_per_method(tmp_path, monkeypa
     (tmp_path / "part").mkdir()  # a figure is drawn only when its part ran
     partial = {**results, "ablation": [], "transfer": [], "sweep": {}}
     assert figures.write_all(partial, str(tmp_path / "part")) == [str(tmp_path / "part" / "frozen-vs-finetuned.png")]
+
+
+def test_figures_tell_every_series_apart_at_readme_width(tmp_path, monkeypatch):
+    """Issue #23: nap and nap@baselines, advmaple and advmaple@nap shared colour and marker and the legend hid the
+    dash under the marker; equal accuracies drew on one another; the text was small at the README's width. Every
+    series of every figure now has its own colour, marker (fill) and line style, or colour and hatch; each model its
+    own marker; the legend one entry per series, in words, with a dash visible beside each marker; the eps sweep's
+    points at one eps apart; and every text at least 12 px tall when the PNG is shown 800 px wide."""
+    import matplotlib.colors
+    import matplotlib.image
+    import matplotlib.text
+    results = fake_results()
+    tied = {"nap@baselines": "nap@nap", "advmaple@nap": "advmaple@baselines", "fare": "advvlp@baselines"}
+    results["sweep"] = {run: dict(results["sweep"].get(tied.get(run, run)) or results["sweep"]["zeroshot"])
+                        for run in results["comparison"]}  # every run of both recipes, some on one another
+    drawn, save = {}, figures.save
+    hexa = lambda c: matplotlib.colors.to_hex(c, keep_alpha=False)
+
+    def capture(fig, path):
+        fig.canvas.draw()
+        legends = fig.legends + [ax.get_legend() for ax in fig.axes if ax.get_legend()]
+        texts = [t for t in fig.findobj(matplotlib.text.Text) if t.get_visible() and t.get_text().strip()]
+        drawn[os.path.basename(path)] = {"fig": fig, "legends": legends, "dpi": figures.DPI,
+                                         "smallest": min(t.get_fontsize() for t in texts)}
+        return save(fig, path)
+
+    monkeypatch.setattr(figures, "save", capture)
+    paths = figures.write_all(results, str(tmp_path))
+    assert [os.path.basename(p) for p in paths] == list(figures.FILES)
+    for name, d in drawn.items():
+        fig, (legend,) = d["fig"], d["legends"]  # one legend per figure
+        entries = [t.get_text() for t in legend.get_texts()]
+        for ax in fig.axes:
+            lines = [line for line in ax.get_lines() if not line.get_label().startswith("_")]
+            bars = list(ax.containers)
+            assert bool(lines) != bool(bars), name  # every series a line, or every series a set of bars
+            if lines:
+                style = lambda l: (hexa(l.get_color()), l.get_marker(), l.get_markerfacecolor() == "white",
+                                   l.get_linestyle())
+                assert len({style(l) for l in lines}) == len(lines), name
+                assert [l.get_label() for l in lines] == entries, name  # one legend entry per series, in order
+                for line, handle in zip(lines, legend.get_lines()):
+                    assert style(handle) == style(line), (name, line.get_label())
+                    if line.get_linestyle() == "--":  # a whole dash and gap on either side of the marker
+                        beside = (legend.handlelength * legend.prop.get_size_in_points()
+                                  - handle.get_markersize()) / 2
+                        period = sum(matplotlib.rcParams["lines.dashed_pattern"]) * handle.get_linewidth()
+                        assert beside >= period, (name, line.get_label(), beside, period)
+            else:
+                style = lambda b: (hexa(b.patches[0].get_facecolor()), b.patches[0].get_hatch())
+                assert len({style(b) for b in bars}) == len(bars), name
+                assert [b.get_label() for b in bars] == entries, name
+                for bar, handle in zip(bars, legend.legend_handles):
+                    assert (hexa(handle.get_facecolor()), handle.get_hatch()) == style(bar), (name, bar.get_label())
+        width = matplotlib.image.imread(str(tmp_path / name)).shape[1]
+        assert d["smallest"] * d["dpi"] / 72 * 800 / width >= 12, (name, d["smallest"], width)
+    sweep = drawn["eps-sweep.png"]["fig"].axes[0]
+    lines = [line for line in sweep.get_lines() if not line.get_label().startswith("_")]
+    assert len(lines) == len(results["sweep"]) == 15
+    models = {line.get_label().split("\n")[0].split("@")[0]: line.get_marker() for line in lines}
+    assert len(set(models.values())) == len(models)  # each model its own marker
+    for run, line in zip(results["sweep"], lines):
+        words = line.get_label().split("\n")[1]
+        assert line.get_label().startswith(run + "\n") and words.startswith(figures.MODEL_NAMES[run.split("@")[0]])
+        assert words.endswith("(own)") == (run in results["own"].values() and "@" in run), run
+    assert "nap@nap\nNAP-Tuning, NAP's recipe (own)" in [line.get_label() for line in lines]
+    # at each eps the runs' points are at least half a marker apart, even where their accuracies are equal
+    xy = np.array([sweep.transData.transform(line.get_xydata()) for line in lines]) * 72 / sweep.figure.dpi
+    for k in range(xy.shape[1]):
+        gaps = np.abs(xy[:, None, k, 0] - xy[None, :, k, 0])[~np.eye(len(lines), dtype=bool)]
+        assert gaps.min() >= 0.5 * lines[0].get_markersize(), k
 
 
 def test_the_toy_clip_is_built_first_so_every_training_is_keyed_by_an_existing_backbone(tmp_path, monkeypatch):
