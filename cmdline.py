@@ -163,9 +163,9 @@ def default_arch(dataset: str) -> str:
 
 
 def check_inputs(dataset: str = None, data_root: str = None, arch: str = None, vision_weights: str = None):
-    """Refuses, before torch loads, inputs that are plainly missing: a dataset given as a path, --data-root, an --arch
-    given as a file name (tiny.pt), --vision-weights. A named dataset's own folder is checked by data.py, which knows
-    its layout; an OpenAI model name by clip.load."""
+    """Refuses, before torch loads, inputs that are plainly missing: a dataset given as a path, --data-root, a named
+    dataset's folder under it (catalog.py; data.py checks the files inside), an --arch given as a file name (tiny.pt),
+    --vision-weights. An OpenAI model name is checked by clip.load."""
     if dataset and os.sep in dataset and not os.path.isdir(dataset):
         raise FileNotFoundError(f"no folder at {dataset!r}; expected a folder of class sub-folders "
                                 f"(<class>/<image>), optionally under train/ and test/ (or val/)")
@@ -173,6 +173,11 @@ def check_inputs(dataset: str = None, data_root: str = None, arch: str = None, v
     if named and data_root and not os.path.isdir(os.path.expanduser(data_root)):
         raise FileNotFoundError(f"--data-root {data_root}: no such folder; give the folder that holds the datasets "
                                 f"(DATASETS.md)")
+    if named and (not data_root or os.path.isdir(os.path.expanduser(data_root))):
+        import catalog
+        key, root = catalog.dataset_key(dataset), os.path.expanduser(data_root or catalog.default_root())
+        if key in catalog.DATASETS and not os.path.isdir(os.path.join(root, catalog.DATASETS[key].folder)):
+            raise FileNotFoundError(f"dataset not found. {catalog.layout(key, root)}")
     if arch and os.path.splitext(arch)[1] and not os.path.isfile(arch):  # a file name (OpenAI's names have no suffix)
         raise FileNotFoundError(f"--arch {arch} not found: no such file; give toy, an OpenAI model name "
                                 f"(ViT-B/16, ...) or a weights file")

@@ -1,7 +1,7 @@
 """Datasets, few-shot sampling, transforms and loaders; images leave here as float in [0, 1].
 
 Three kinds of dataset, all returning (image, int label) with `.classnames` and `.targets`:
-- the 15 datasets of the prompt-tuning literature (DATASETS) in CoOp's layout under a data root
+- the 15 datasets of the prompt-tuning literature (DATASETS, catalog.py) in CoOp's layout under a data root
   (--data-root, else $NAP_DATA, else ./data), read from CoOp's split_zhou_*.json files, the
   official FGVC-Aircraft lists, or ImageNet-style class folders plus CoOp's classnames.txt;
 - any folder of class sub-folders (a user's own data), with train/ and test/ (or val/) sub-trees
@@ -30,85 +30,16 @@ import struct
 import warnings
 import zlib
 from collections import Counter, OrderedDict
-from dataclasses import dataclass
-
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
+from catalog import (_ALIASES, _RENAMES, DATASETS, PAPER_EVAL, TEST_ONLY, Info, dataset_key,  # noqa: F401
+                     default_root, layout)
+
 SPLITS = ("train", "val", "test")
-
-
-@dataclass(frozen=True)
-class Info:
-    folder: str      # the dataset's folder under the data root
-    images: str      # image folder inside it; split files give paths relative to it
-    split_file: str  # CoOp's split file inside the folder ("" where CoOp reads other files)
-    n_classes: int
-    template: str    # CoOp's zero-shot prompt for the dataset
-    source: str      # where to download the images
-
-
-DATASETS = {
-    "imagenet": Info("imagenet", "images", "", 1000, "a photo of a {}.",
-                     "image-net.org (ILSVRC-2012 train and val, val sorted into class folders)"),
-    "caltech101": Info("caltech-101", "101_ObjectCategories", "split_zhou_Caltech101.json", 100,
-                       "a photo of a {}.", "data.caltech.edu/records/mzrjq-6wc02"),
-    "oxford_pets": Info("oxford_pets", "images", "split_zhou_OxfordPets.json", 37,
-                        "a photo of a {}, a type of pet.", "robots.ox.ac.uk/~vgg/data/pets"),
-    "stanford_cars": Info("stanford_cars", "", "split_zhou_StanfordCars.json", 196,
-                          "a photo of a {}.", "Stanford Cars (its cars_train/ and cars_test/)"),
-    "oxford_flowers": Info("oxford_flowers", "jpg", "split_zhou_OxfordFlowers.json", 102,
-                           "a photo of a {}, a type of flower.",
-                           "robots.ox.ac.uk/~vgg/data/flowers/102 (102flowers.tgz)"),
-    "food101": Info("food-101", "images", "split_zhou_Food101.json", 101,
-                    "a photo of {}, a type of food.",
-                    "data.vision.ee.ethz.ch/cvl/datasets_extra/food-101"),
-    "fgvc_aircraft": Info("fgvc_aircraft", "images", "", 100,
-                          "a photo of a {}, a type of aircraft.",
-                          "robots.ox.ac.uk/~vgg/data/fgvc-aircraft (fgvc-aircraft-2013b.tar.gz, "
-                          "its data/ folder renamed fgvc_aircraft/)"),
-    "sun397": Info("sun397", "SUN397", "split_zhou_SUN397.json", 397, "a photo of a {}.",
-                   "vision.princeton.edu/projects/2010/SUN (SUN397.tar.gz)"),
-    "dtd": Info("dtd", "images", "split_zhou_DescribableTextures.json", 47, "{} texture.",
-                "robots.ox.ac.uk/~vgg/data/dtd (dtd-r1.0.1.tar.gz)"),
-    "eurosat": Info("eurosat", "2750", "split_zhou_EuroSAT.json", 10,
-                    "a centered satellite photo of {}.", "github.com/phelber/EuroSAT (RGB)"),
-    "ucf101": Info("ucf101", "UCF-101-midframes", "split_zhou_UCF101.json", 101,
-                   "a photo of a person doing {}.",
-                   "UCF-101-midframes.zip (middle video frames), linked in CoOp's DATASETS.md"),
-    "imagenet_v2": Info("imagenetv2", "imagenetv2-matched-frequency-format-val", "", 1000,
-                        "a photo of a {}.",
-                        "github.com/modestyachts/ImageNetV2 (matched-frequency)"),
-    "imagenet_sketch": Info("imagenet-sketch", "images", "", 1000, "a photo of a {}.",
-                            "github.com/HaohanWang/ImageNet-Sketch"),
-    "imagenet_a": Info("imagenet-adversarial", "imagenet-a", "", 200, "a photo of a {}.",
-                       "github.com/hendrycks/natural-adv-examples"),
-    "imagenet_r": Info("imagenet-rendition", "imagenet-r", "", 200, "a photo of a {}.",
-                       "github.com/hendrycks/imagenet-r"),
-}
-TEST_ONLY = ("imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")
-PAPER_EVAL = ["imagenet", "caltech101", "dtd", "eurosat", "oxford_pets", "fgvc_aircraft", "food101",
-              "stanford_cars", "sun397", "ucf101"]
-_ALIASES = {"flowers102": "oxford_flowers", "imagenetv2": "imagenet_v2"}
-# CoOp renames these folder names when it writes its split files; names read from a split file
-# go through the same map, so a split file that holds the raw folder names reads the same.
-_RENAMES = {
-    "caltech101": {"airplanes": "airplane", "Faces": "face", "Leopards": "leopard",
-                   "Motorbikes": "motorbike"},
-    "eurosat": {"AnnualCrop": "Annual Crop Land",
-                "HerbaceousVegetation": "Herbaceous Vegetation Land",
-                "Highway": "Highway or Road", "Industrial": "Industrial Buildings",
-                "Pasture": "Pasture Land", "PermanentCrop": "Permanent Crop Land",
-                "Residential": "Residential Buildings", "SeaLake": "Sea or Lake"},
-}
-
-
-def default_root():
-    """The data root when none is given: $NAP_DATA, else ./data."""
-    return os.environ.get("NAP_DATA") or "./data"
 
 
 class UnreadableImage(ValueError):
@@ -179,12 +110,6 @@ class Transformed(Dataset):
         return (image if self.transform is None else self.transform(image)), y
 
 
-def dataset_key(name: str) -> str:
-    """A dataset name as DATASETS spells it ('Oxford-Pets' -> 'oxford_pets', aliases resolved); other names as lowered."""
-    key = name.lower().replace("-", "_")
-    return _ALIASES.get(key, key)
-
-
 def build_dataset(name, root=None, split="test", transform=None):
     """A dataset of (transform(image), label) with .classnames (list[str]) and .targets."""
     if split not in SPLITS:
@@ -206,33 +131,12 @@ def build_dataset(name, root=None, split="test", transform=None):
                      f"synthetic-<task>, or the path of a folder of class sub-folders")
 
 
-def _layout(key, root):
-    """One sentence: where the dataset was looked for and what should be there."""
-    info = DATASETS[key]
-    folder = os.path.join(root, info.folder)
-    images = os.path.join(folder, info.images, "...")
-    if info.split_file:
-        expected = f"{images} and {os.path.join(folder, info.split_file)}"
-    elif key == "fgvc_aircraft":
-        expected = (f"{images}, {folder}/variants.txt and {folder}/images_variant_"
-                    f"{{train,val,test}}.txt")
-    elif key == "imagenet":
-        expected = f"{folder}/images/{{train,val}}/<wnid>/<image> and {folder}/classnames.txt"
-    else:
-        expected = (f"{images} and a classnames.txt (in {folder} or {root}/imagenet) with lines "
-                    f"like 'n01440764 tench'")
-    return (f"{key}: looked in {folder}; expected CoOp's layout: {expected}. Images: "
-            f"{info.source}; split files and classnames.txt: CoOp's DATASETS.md "
-            f"(github.com/KaiyangZhou/CoOp). Point --data-root (or $NAP_DATA) at the folder "
-            f"that holds {info.folder}/.")
-
-
 def _read_known(key, root, split):
     """Samples [(path, label)] and class names of one of DATASETS, checked against the disk."""
     info = DATASETS[key]
     folder = os.path.join(root, info.folder)
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"dataset not found. {_layout(key, root)}")
+        raise FileNotFoundError(f"dataset not found. {layout(key, root)}")
     if key in TEST_ONLY and split != "test":
         raise ValueError(f"{key} is a test-only dataset; ask for split='test', not {split!r}")
     try:
@@ -251,15 +155,15 @@ def _read_known(key, root, split):
             samples, names = _read_wnid_folders(images, _imagenet_names(root, folder),
                                                 info.n_classes)
     except (FileNotFoundError, ValueError) as e:
-        raise _with(e, f". {_layout(key, root)}") from None
+        raise _with(e, f". {layout(key, root)}") from None
     if len(names) != info.n_classes:
         raise ValueError(f"{key} has {info.n_classes} classes but {len(names)} were read. "
-                         f"{_layout(key, root)}")
+                         f"{layout(key, root)}")
     listed = info.split_file or key == "fgvc_aircraft"  # the others were read from the disk
     missing = [p for p, _ in samples if not os.path.isfile(p)] if listed else []
     if missing:
         raise FileNotFoundError(f"{len(missing)} of {len(samples)} {split} images are missing, "
-                                f"e.g. {missing[0]}. {_layout(key, root)}")
+                                f"e.g. {missing[0]}. {layout(key, root)}")
     renames = _RENAMES.get(key, {})
     return samples, [renames.get(n, n).replace("_", " ") for n in names]
 

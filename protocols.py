@@ -291,12 +291,17 @@ def main(argv=None):
     if args.data_root and not os.path.isdir(os.path.expanduser(args.data_root)):
         cmdline.fail(f"--data-root {args.data_root}: no such folder; give the folder that holds the datasets "
                      f"(DATASETS.md)")
-    import replicate
+    import catalog
+    for dataset in args.datasets or ([] if args.arch == "toy" else catalog.PAPER_EVAL):
+        try:
+            cmdline.check_inputs(dataset, args.data_root)
+        except FileNotFoundError as e:
+            cmdline.fail(str(e))
+    import replicate  # loads torch
     import runtime
     import synthetic
-    import data
     start = time.time()
-    cross = list(synthetic.TASKS) if args.arch == "toy" else list(data.PAPER_EVAL)
+    cross = list(synthetic.TASKS) if args.arch == "toy" else list(catalog.PAPER_EVAL)
     if args.protocol == "cross-dataset" and args.datasets is None:
         args.datasets = cross
     replicate.build_toy_first(args.arch)
