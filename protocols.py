@@ -256,8 +256,8 @@ def _mean_columns(columns: list) -> dict:
     for key in ("clean", "robust"):
         per_column = [c[key] if c else [None] for c in columns]
         n = max(len(v) for v in per_column) if per_column else 0
-        out[key] = [None if any(v[i % len(v)] is None for v in per_column) or not per_column
-                    else sum(v[i % len(v)] for v in per_column) / len(per_column) for i in range(n)]
+        seeds = [[v[i % len(v)] for v in per_column] for i in range(n)]  # zero-shot's one value pairs with every seed
+        out[key] = [None if None in values else sum(values) / len(values) for values in seeds]
     return out
 
 
