@@ -19,8 +19,9 @@ The protocols (datasets: real / toy; the toy's are synthetic.py's tasks and doma
       (ImageNet-V2, -Sketch, -A, -R / synthetic-v2, -sketch, -negative).
   cross-dataset: train on the source and test on the paper's other datasets (evaluate.py's default
       list) / the other synthetic tasks.
-Each method trains with its own source's recipe (recipes.py; the toy's changes as in replicate.py),
-with the recipe's shots unless the protocol sets them, and is scored clean and under --attack at --eps
+Each method trains with its own source's recipe (recipes.py; the toy's changes as in replicate.py), or
+with --recipe baselines|nap every prompt method trains with that one family, the controlled comparison of
+replicate.py; with the recipe's shots unless the protocol sets them. Each is scored clean and under --attack at --eps
 (PGD-100 at 1/255 by default) on a seeded subset of --samples test images per dataset (default: all
 real test images; 200 on the toy). Zero-shot CLIP has nothing to train.
 
@@ -54,6 +55,7 @@ DATASETS = {  # protocol: (real datasets, toy datasets); for domain and cross-da
 }
 SHOTS = [1, 2, 4, 8, 16]  # the few-shot counts of CoOp, APT and FAP
 METHODS = ["zeroshot", "advpt", "advvpt", "advvlp", "advmaple", "nap"]
+RECIPES = ["own", "baselines", "nap"]  # each method's own (recipes.METHOD_RECIPE), or one family for all
 
 
 class Formatter(cmdline.DefaultsFormatter, argparse.RawDescriptionHelpFormatter):
@@ -67,8 +69,11 @@ def parse_args(argv=None):
     p.add_argument("--arch", default="toy", help="toy (synthetic tasks), or ViT-B/16 or a weights file (real datasets)")
     p.add_argument("--data-root", default=None, help="where the real datasets lie (default: $NAP_DATA, else ./data)")
     p.add_argument("--methods", nargs="+", default=["zeroshot", "advmaple", "nap"], choices=METHODS,
-                   help="the rows of the table, each with its own recipe (default: zero-shot CLIP and the controlled "
-                        "pair of replicate.py [C])")
+                   help="the rows of the table: zero-shot CLIP, the strongest baseline of [P]'s tables and NAP-Tuning "
+                        "by default [C]")
+    p.add_argument("--recipe", default="own", choices=RECIPES,
+                   help="own: each method with its source's recipe, as papers compare them; baselines or nap: every "
+                        "prompt method with that family, so the rows differ only in the method (replicate.py's control)")
     p.add_argument("--datasets", nargs="+", default=None,
                    help="the datasets (default: the protocol's, above); domain and cross-dataset train on the first")
     p.add_argument("--shots", nargs="+", type=int, default=SHOTS, help="few-shot: images per class")
@@ -109,11 +114,13 @@ def parse_args(argv=None):
 def jobs(args, cross_defaults) -> list:
     """[(training, [(dataset, classes)])]: each training (a dict of train.py settings, None for zero-shot CLIP)
     with the test sets it is scored on."""
+    import recipes
     datasets = args.datasets or cross_defaults
     out = []
     for method in args.methods:
+        recipe = recipes.METHOD_RECIPE.get(method) if args.recipe == "own" else args.recipe
         train = lambda dataset, shots=None, classes="all": None if method == "zeroshot" else \
-            {"method": method, "dataset": dataset, "shots": shots, "classes": classes}  # noqa: E731
+            {"method": method, "recipe": recipe, "dataset": dataset, "shots": shots, "classes": classes}  # noqa: E731
         if args.protocol == "base-to-new":
             out += [(train(d, classes="base"), [(d, "base"), (d, "new")]) for d in datasets]
         elif args.protocol == "few-shot":
@@ -128,19 +135,20 @@ def jobs(args, cross_defaults) -> list:
 
 def run_name(training) -> str:
     """A training's folder name: method@recipe-dataset[-Kshot][-base|new]."""
-    import recipes
     if training is None:
         return "zeroshot"
     shots = f"-{training['shots']}shot" if training["shots"] else ""
     classes = "" if training["classes"] == "all" else f"-{training['classes']}"
     dataset = os.path.basename(os.path.normpath(training["dataset"]))
-    return f"{training['method']}@{recipes.METHOD_RECIPE[training['method']]}-{dataset}{shots}{classes}"
+    return f"{training['method']}@{training['recipe']}-{dataset}{shots}{classes}"
 
 
 def train_command(training, folder: str, seed: int, args) -> list:
-    """train.py's command for one training and seed."""
+    """train.py's command for one training and seed (--recipe only when it is not the method's own)."""
+    import recipes
     command = ["train.py", "--arch", args.arch, "--method", training["method"], "--dataset", training["dataset"],
                "--workers", "0", "--out", folder, "--seed", str(seed)]
+    command += ["--recipe", training["recipe"]] if training["recipe"] != recipes.METHOD_RECIPE[training["method"]] else []
     command += ["--data-root", args.data_root] if args.data_root else []
     command += ["--shots", str(training["shots"])] if training["shots"] else []
     command += ["--subsample-classes", training["classes"]] if training["classes"] != "all" else []
@@ -279,8 +287,10 @@ def table(args, rows: dict, columns: list) -> str:
     """The markdown table, under a line saying what it shows."""
     seeds = f"mean ± std over {args.seeds} seeds" if args.seeds > 1 else "one seed"
     n = f"{args.samples} test images per dataset" if args.samples else "every test image"
+    recipe = "each method with its own source's recipe" if args.recipe == "own" else \
+        f"every prompt method with the {args.recipe} recipe"
     head = (f"{args.protocol} ({args.arch}): clean / robust accuracy (%), {args.attack} at eps {args.eps}, {n}, "
-            f"{seeds}; each method with its own recipe")
+            f"{seeds}; {recipe}")
     lines = [head, "", "| method | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
     lines += [f"| {row} | " + " | ".join(cell(cols.get(c, {})) for c in columns) + " |" for row, cols in rows.items()]
     return "\n".join(lines)
@@ -315,7 +325,7 @@ def main(argv=None):
     os.makedirs(folder, exist_ok=True)
     command = shlex.join(sys.argv[1:] if argv is None else argv)
     results = {"protocol": args.protocol, "arch": args.arch, "datasets": args.datasets, "methods": args.methods,
-               "attack": args.attack, "eps": args.eps, "samples": args.samples, "seeds": args.seed_list,
+               "recipe": args.recipe, "attack": args.attack, "eps": args.eps, "samples": args.samples, "seeds": args.seed_list,
                "columns": columns, "rows": rows, "command": f"python protocols.py {command}",
                "wall_time_s": round(time.time() - start), "timings": runner.timings}
     runtime.write_json(results, os.path.join(folder, "results.json"))

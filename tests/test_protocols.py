@@ -37,7 +37,7 @@ def test_each_protocol_trains_and_scores_what_it_says():
 
     a = args_of("domain", "--methods", "nap")
     (training, tests), = protocols.jobs(a, None)
-    assert training == {"method": "nap", "dataset": "synthetic", "shots": None, "classes": "all"}
+    assert training == {"method": "nap", "recipe": "nap", "dataset": "synthetic", "shots": None, "classes": "all"}
     assert [d for d, _ in tests] == ["synthetic", *synthetic.DOMAINS]
     real = args_of("domain", "--arch", "ViT-B/16")
     assert real.datasets == ["imagenet", "imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r"]
@@ -50,12 +50,31 @@ def test_each_protocol_trains_and_scores_what_it_says():
     assert training["dataset"] == "synthetic" and [d for d, _ in tests] == list(synthetic.TASKS)
 
 
+def test_recipe_own_or_one_family_for_every_method():
+    own = args_of("domain", "--methods", "zeroshot", "advmaple", "nap")
+    controlled = args_of("domain", "--methods", "zeroshot", "advmaple", "nap", "--recipe", "nap")
+    for a, names, flags in [(own, ["advmaple@baselines-synthetic", "nap@nap-synthetic"], [[], []]),
+                            (controlled, ["advmaple@nap-synthetic", "nap@nap-synthetic"], [["--recipe", "nap"], []])]:
+        plan = protocols.jobs(a, None)
+        assert plan[0][0] is None  # zero-shot CLIP trains nothing, whatever the recipe
+        trainings = [t for t, _ in plan if t]
+        assert [protocols.run_name(t) for t in trainings] == names
+        commands = [protocols.train_command(t, "out", 1, a) for t in trainings]
+        assert [c[c.index("--recipe"):c.index("--recipe") + 2] if "--recipe" in c else [] for c in commands] == flags
+    nap_baselines = protocols.jobs(args_of("domain", "--methods", "nap", "--recipe", "baselines"), None)[0][0]
+    assert protocols.run_name(nap_baselines) == "nap@baselines-synthetic"
+    assert "--recipe baselines" in " ".join(protocols.train_command(nap_baselines, "out", 1, own))
+    assert "with the nap recipe" in protocols.table(controlled, {}, [])
+    assert "its own source's recipe" in protocols.table(own, {}, [])
+
+
 @pytest.mark.parametrize("argv,fragment", [
     (["base-to-new", "--seeds", "0"], "--seeds must be >= 1"),
     (["few-shot", "--shots", "0"], "--shots must be >= 1"),
     (["domain", "--datasets", "synthetic"], "at least two"),
     (["domain", "--eps", "one"], "--eps"),
     (["other"], "invalid choice"),
+    (["domain", "--recipe", "tecoa"], "invalid choice"),
     (["domain", "--eps", "8"], "did you mean 8/255"),
     (["domain", "--arch", "ViT-B/16", "--data-root", "/nonexistent/data"], "no such folder"),
 ])
