@@ -32,8 +32,9 @@ ImageNet-trained model of `domain` and `cross-dataset`) is reused, announced; ev
 each result against its checkpoint, backbone and data. Text features are computed once per dataset
 and model inside evaluate.py.
 
-Into --out/PROTOCOL: TABLE.md (methods as rows; datasets and the average as columns; clean / robust
-accuracy, mean +- std over --seeds) and results.json (every number of the table, per seed).
+Into --out/PROTOCOL (with -recipe-NAME, -ATTACK or -epsE added when those flags are not the defaults):
+TABLE.md (methods as rows; datasets and the average as columns; clean / robust accuracy, mean +- std
+over --seeds) and results.json (every number of the table, per seed).
 """
 import argparse
 import os
@@ -296,6 +297,18 @@ def table(args, rows: dict, columns: list) -> str:
     return "\n".join(lines)
 
 
+def table_folder(args) -> str:
+    """Where a protocol's TABLE.md and results.json go: --out/PROTOCOL, with -recipe-NAME, -ATTACK and -epsE added
+    for a --recipe, --attack or --eps other than the default, so that one protocol's tables do not overwrite
+    each other."""
+    import replicate
+    parts = [args.protocol]
+    parts += [f"recipe-{args.recipe}"] if args.recipe != "own" else []
+    parts += [args.attack] if args.attack != "pgd" else []
+    parts += [f"eps{replicate.tag(args.eps)}"] if args.eps != "1/255" else []
+    return os.path.join(args.out, "-".join(parts))
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.data_root and not os.path.isdir(os.path.expanduser(args.data_root)):
@@ -321,7 +334,7 @@ def main(argv=None):
     rows = cells(args, plan)
     columns = averaged(args, rows)
     text = table(args, rows, columns)
-    folder = os.path.join(args.out, args.protocol)
+    folder = table_folder(args)
     os.makedirs(folder, exist_ok=True)
     command = shlex.join(sys.argv[1:] if argv is None else argv)
     results = {"protocol": args.protocol, "arch": args.arch, "datasets": args.datasets, "methods": args.methods,

@@ -64,6 +64,9 @@ def test_recipe_own_or_one_family_for_every_method():
     nap_baselines = protocols.jobs(args_of("domain", "--methods", "nap", "--recipe", "baselines"), None)[0][0]
     assert protocols.run_name(nap_baselines) == "nap@baselines-synthetic"
     assert "--recipe baselines" in " ".join(protocols.train_command(nap_baselines, "out", 1, own))
+    assert protocols.table_folder(own) == os.path.join("runs", "protocols", "domain")
+    assert protocols.table_folder(controlled) == os.path.join("runs", "protocols", "domain-recipe-nap")
+    assert protocols.table_folder(args_of("domain", "--attack", "cw", "--eps", "4/255")).endswith("domain-cw-eps4_255")
     assert "with the nap recipe" in protocols.table(controlled, {}, [])
     assert "its own source's recipe" in protocols.table(own, {}, [])
 
