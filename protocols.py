@@ -223,7 +223,8 @@ def cells(args, plan: list) -> dict:
     rows = {}
     for training, tests in plan:
         method = training["method"] if training else "zeroshot"
-        row = method + (f", {training['shots']} shots" if training and training["shots"] else "")
+        shots = training["shots"] if training else None
+        row = method + (f", {shots} shot{'s' if shots > 1 else ''}" if shots else "")
         for seed in ([None] if training is None else args.seed_list):
             for dataset, classes in tests:
                 column = dataset if classes == "all" else f"{dataset} {classes}"

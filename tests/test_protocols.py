@@ -93,6 +93,7 @@ def fake_results(a, plan, values):
     """Writes evaluate.py-like JSONs: values[(row, dataset, classes)] = [(clean, robust) per seed]."""
     for training, tests in plan:
         row = training["method"] if training else "zeroshot"
+        row = (row, training["shots"]) if training and training["shots"] else row
         for i, seed in enumerate([None] if training is None else a.seed_list):
             for dataset, classes in tests:
                 clean, robust = values[(row, dataset, classes)][i]
@@ -132,6 +133,20 @@ def test_base_to_new_table_recomputed(tmp_path):
     assert nap_row[3].startswith(f"{mean:.1f} ± {std:.1f} / ")
     assert nap_row[8] == "47.0 ± 2.8 / 16.0 ± 1.4"  # average new per seed: (50+40)/2=45 / 15, (54+44)/2=49 / 17
     assert "mean ± std over 2 seeds" in table
+
+
+def test_few_shot_table_one_row_per_method_and_shot_count(tmp_path):
+    a = args_of("few-shot", "--methods", "zeroshot", "nap", "--shots", "1", "4", "--datasets", "synthetic",
+                "synthetic-colour", "--out", str(tmp_path))
+    plan = protocols.jobs(a, None)
+    values = {("zeroshot", "synthetic", "all"): [(70.0, 20.0)], ("zeroshot", "synthetic-colour", "all"): [(90.0, 80.0)],
+              (("nap", 1), "synthetic", "all"): [(30.0, 10.0)], (("nap", 1), "synthetic-colour", "all"): [(50.0, 30.0)],
+              (("nap", 4), "synthetic", "all"): [(40.0, 14.0)], (("nap", 4), "synthetic-colour", "all"): [(60.0, 36.0)]}
+    fake_results(a, plan, values)
+    rows = protocols.cells(a, plan)
+    assert list(rows) == ["zeroshot", "nap, 1 shot", "nap, 4 shots"]
+    assert protocols.averaged(a, rows) == ["synthetic", "synthetic-colour", "average"]
+    assert [protocols.cell(rows[r]["average"]) for r in rows] == ["80.0 / 50.0", "40.0 / 20.0", "50.0 / 25.0"]
 
 
 def test_domain_average_leaves_the_source_out(tmp_path):
