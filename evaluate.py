@@ -446,7 +446,7 @@ def load_surrogate(args, arch, backbone, device) -> tuple:
         ckpt = nap.load_checkpoint(args.surrogate)
         saved = ckpt.get("backbone", {})
         s_arch, s_vision = ckpt.get("arch") or "ViT-B/16", saved.get("vision_weights")
-        runtime.check_backbone(saved, s_arch, s_vision)
+        runtime.check_backbone(saved, s_arch, s_vision, surrogate=args.surrogate)
     s_backbone = runtime.load_backbone(s_arch, device, args.precision, s_vision)
     size, theirs = backbone.visual.input_resolution, s_backbone.visual.input_resolution
     if theirs != size:

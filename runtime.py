@@ -199,19 +199,23 @@ def backbone_record(arch: str, vision_weights: str = None) -> dict:
             "vision_sha256": sha256_file(vision_weights) if vision_weights else None}
 
 
-def check_backbone(saved: dict, arch: str, vision_weights: str = None):
-    """Refuses to rebuild a checkpoint's backbone from files that differ from those it was trained on."""
+def check_backbone(saved: dict, arch: str, vision_weights: str = None, surrogate: str = None):
+    """Refuses to rebuild a checkpoint's backbone from files that differ from those it was trained on.
+    surrogate: the --surrogate checkpoint being checked, whose backbone files have no flag of their own."""
     for key, path, flag in (("arch", backbone_file(arch), "--arch"), ("vision", vision_weights, "--vision-weights")):
         want = saved.get(f"{key}_sha256")
         if want is None:
             continue
+        fix = f"give the same weights with {flag} FILE" if surrogate is None else \
+            "put those weights back where the checkpoint names them (a surrogate is rebuilt on its own backbone)"
+        who = "the checkpoint" if surrogate is None else f"--surrogate {surrogate}"
         if not path or not os.path.isfile(path):
-            raise FileNotFoundError(f"the checkpoint was trained with {saved.get(key if key == 'arch' else 'vision_weights')} "
-                                    f"(SHA256 {want[:12]}...), which is gone; give the same weights with {flag} FILE")
+            raise FileNotFoundError(f"{who} was trained with {saved.get(key if key == 'arch' else 'vision_weights')} "
+                                    f"(SHA256 {want[:12]}...), which is gone; {fix}")
         got = sha256_file(path)
         if got != want:
-            raise ValueError(f"{flag} {path} has SHA256 {got[:12]}..., but the checkpoint was trained with "
-                             f"SHA256 {want[:12]}...; give the same weights with {flag} FILE")
+            raise ValueError(f"{path if surrogate else flag + ' ' + path} has SHA256 {got[:12]}..., but {who} was "
+                             f"trained with SHA256 {want[:12]}...; {fix}")
 
 
 # ---------------------------------------------------------------------- seeds

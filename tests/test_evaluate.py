@@ -4,6 +4,7 @@ and the user's files (an unrelated JSON or .md, a second run on the same --out, 
 the checkpoint) refused in one line before any work."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -251,6 +252,27 @@ def test_a_surrogate_of_another_image_size_is_refused(varied_weights, tmp_path):
             "--out", str(tmp_path / "e.json"))
     one_line_error(r, f"--surrogate {ckpt} takes 64-px images, the model 32-px ones")
     assert not (tmp_path / "e.json").exists()
+
+
+def test_a_surrogate_whose_backbone_is_gone_or_changed_says_so(varied_weights, tmp_path):
+    """The surrogate's backbone comes from its own checkpoint, so the message names --surrogate, not --arch."""
+    own = str(tmp_path / "own.pt")
+    shutil.copy(varied_weights, own)
+    backbone = runtime.load_backbone(own, torch.device("cpu"))
+    names = data.build_dataset("synthetic-colour", split="test").classnames
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    nap.save_checkpoint(nap.PromptedCLIP(backbone, names, nap.make_config("advvpt", depth=1)), str(ckpt), arch=own,
+                        backbone=runtime.backbone_record(own))
+    command = ["evaluate.py", "--arch", varied_weights, *VARIED, "--attack", "transfer", "--surrogate", str(ckpt),
+               "--out", str(tmp_path / "e.json")]
+    torch.save({k: v + 1 for k, v in torch.load(own).items()}, own)  # another file at the same path
+    one_line_error(cli(*command), f"{own} has SHA256")
+    r = cli(*command)
+    assert f"--surrogate {ckpt} was trained with SHA256" in r.stderr and "--arch" not in r.stderr.splitlines()[-1]
+    os.remove(own)
+    r = cli(*command)
+    one_line_error(r, f"--surrogate {ckpt} was trained with {own}")
+    assert "which is gone; put those weights back" in r.stderr and not (tmp_path / "e.json").exists()
 
 
 # ---------------------------------------------------------------------- checked before torch loads
