@@ -266,8 +266,8 @@ def test_a_surrogate_whose_backbone_is_gone_or_changed_says_so(varied_weights, t
     command = ["evaluate.py", "--arch", varied_weights, *VARIED, "--attack", "transfer", "--surrogate", str(ckpt),
                "--out", str(tmp_path / "e.json")]
     torch.save({k: v + 1 for k, v in torch.load(own).items()}, own)  # another file at the same path
-    one_line_error(cli(*command), f"{own} has SHA256")
     r = cli(*command)
+    one_line_error(r, f"{own} has SHA256")
     assert f"--surrogate {ckpt} was trained with SHA256" in r.stderr and "--arch" not in r.stderr.splitlines()[-1]
     os.remove(own)
     r = cli(*command)

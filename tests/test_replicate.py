@@ -61,7 +61,7 @@ def trained_parameters(path) -> int:
 def test_tables_equal_the_results_and_reruns_reuse_until_the_command_changes(tiny_weights, tmp_path):
     out = tmp_path / "rep"
     r = replicate_cli(tiny_weights, out, "--methods", "nap", "--recipes", "nap", "--sweep-eps", "0", "2/255", "4/255",
-                      "--ablation", "2", "--jobs", "1")
+                      "--ablation", "2", "--jobs", "2")
     assert r.returncode == 0, r.stderr
     table = (out / "TABLE.md").read_text()
     pgd, aa = results_of(out, "nap@nap", 1, "pgd", 6), results_of(out, "nap@nap", 1, "autoattack", 6)
