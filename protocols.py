@@ -57,6 +57,7 @@ DATASETS = {  # protocol: (real datasets, toy datasets); for domain and cross-da
 SHOTS = [1, 2, 4, 8, 16]  # the few-shot counts of CoOp, APT and FAP
 METHODS = ["zeroshot", "advpt", "advvpt", "advvlp", "advmaple", "nap"]
 RECIPES = ["own", "baselines", "nap"]  # each method's own (recipes.METHOD_RECIPE), or one family for all
+ATTACK, EPS = "pgd", "1/255"  # PGD-100 at 1/255, the paper's evaluation [P]
 
 
 class Formatter(cmdline.DefaultsFormatter, argparse.RawDescriptionHelpFormatter):
@@ -79,8 +80,8 @@ def parse_args(argv=None):
                    help="the datasets (default: the protocol's, above); domain and cross-dataset train on the first")
     p.add_argument("--shots", nargs="+", type=int, default=SHOTS, help="few-shot: images per class")
     p.add_argument("--seeds", type=int, default=1, help="train every run with seeds 1..N")
-    p.add_argument("--attack", default="pgd", help="evaluate.py's --attack (pgd, autoattack, ...)")
-    p.add_argument("--eps", default="1/255", help="the attack's L-inf radius")
+    p.add_argument("--attack", default=ATTACK, help="evaluate.py's --attack (pgd, autoattack, ...)")
+    p.add_argument("--eps", default=EPS, help="the attack's L-inf radius")
     p.add_argument("--samples", type=int, default=None,
                    help="test images per dataset, a seeded subset (default: 200 on the toy, all on real data)")
     p.add_argument("--jobs", type=int, default=2, help="trainings / evaluations at once, each with cores/jobs threads")
@@ -305,8 +306,8 @@ def table_folder(args) -> str:
     import replicate
     parts = [args.protocol]
     parts += [f"recipe-{args.recipe}"] if args.recipe != "own" else []
-    parts += [args.attack] if args.attack != "pgd" else []
-    parts += [f"eps{replicate.tag(args.eps)}"] if args.eps != "1/255" else []
+    parts += [args.attack] if args.attack != ATTACK else []
+    parts += [f"eps{replicate.tag(args.eps)}"] if args.eps != EPS else []
     return os.path.join(args.out, "-".join(parts))
 
 
@@ -339,7 +340,8 @@ def main(argv=None):
     os.makedirs(folder, exist_ok=True)
     command = shlex.join(sys.argv[1:] if argv is None else argv)
     results = {"protocol": args.protocol, "arch": args.arch, "datasets": args.datasets, "methods": args.methods,
-               "recipe": args.recipe, "attack": args.attack, "eps": args.eps, "samples": args.samples, "seeds": args.seed_list,
+               "recipe": args.recipe, "attack": args.attack, "eps": args.eps, "samples": args.samples,
+               "seeds": args.seed_list,
                "columns": columns, "rows": rows, "command": f"python protocols.py {command}",
                "wall_time_s": round(time.time() - start), "timings": runner.timings}
     runtime.write_json(results, os.path.join(folder, "results.json"))
